@@ -1,0 +1,646 @@
+"""ELMo in plain PyTorch: the bidirectional language model (biLM) and the frozen embedder built on it.
+
+Peters et al., 2018, "Deep contextualized word representations" (arXiv:1802.05365). Read this file top to
+bottom; it follows the order in which a sentence flows through the model:
+
+    config -> character CNN -> highway -> LSTM cell -> LSTM stacks -> biLM with LM head
+           -> scalar mix -> ELMo embedder -> save / load / convert official weights
+
+What goes in, what comes out:
+
+    ids = data.batch_to_ids([["The", "cat", "sat"], ["Hi"]])   # (B, T, W) character ids, 0 = padding
+    bilm = load_elmo("lm.pt")                                   # frozen, eval mode, stateless
+    out = bilm(ids)
+    out["activations"]   # L+1 tensors (B, T, 2P): layer 0 = [e; e], layer k = [forward_k; backward_k]
+    out["mask"]          # (B, T) bool, True at real tokens; activations are zero elsewhere
+
+Shape legend, used in every shape comment below:
+    B batch, T tokens per sentence (with <S> and </S> where noted), W characters per token (50),
+    C character-embedding dim, F total CNN filters, D LSTM cell, P LSTM projection (output),
+    L LSTM layers, V softmax vocabulary, N number of (distinct) tokens fed to the character CNN.
+
+Deviations from the paper / bilm-tf and from AllenNLP, and why:
+  1. Stateless LSTMs. bilm-tf and AllenNLP carry the LSTM state from one batch into the next (AllenNLP's
+     `_ElmoBiLm` does it silently, so the same sentence gives different vectors on a second call). Every call
+     here starts from zero state, so a sentence's vectors depend only on the sentence. The golden test checks
+     that we match AllenNLP's *first* call and not its second.
+  2. Sentence-level LM training. bilm-tf trains on 20-token windows cut from a running text stream, carrying
+     state across windows; we train on whole sentences (<S> w1 .. wn </S>), which is exactly how ELMo is used
+     downstream and needs no state. PTB perplexity is then slightly higher than a stream model's, because the
+     first words of a sentence cannot use the previous sentence.
+  3. Softmax. bilm-tf trains with a sampled softmax (8192 samples) over 793k words. We offer a full softmax
+     (default) and torch's adaptive softmax (Grave et al., 2017), which is cheap *and* properly normalised,
+     so training loss and reported perplexity are exact. We do not implement the sampled softmax.
+  4. Two LSTM implementations over the same parameters: an explicit reference cell (with the cell and
+     projection clipping of the original) and the fused `torch.nn.LSTM(proj_size=P)` path, which cannot clip.
+     `impl="auto"` picks the fused path when clipping is off. Tests hold the two equal.
+  5. TensorFlow adds 1.0 to the forget-gate bias at run time; we fold it into the stored bias when
+     converting official weights, as AllenNLP does. Our own models are initialised with forget bias 1.0.
+  6. The character CNN runs once per *distinct* token of a batch and only over the character positions
+     that can matter (see `CharCNN.forward`); both are exact, and tested against the per-token path.
+  7. Scalar-mix layer norm is AllenNLP's: mean and variance over all unmasked elements of the whole batch
+     (not per token). It is faithful to AllenNLP's numbers, and so batch-dependent; it is off by default.
+  8. Presets use no clipping (fused LSTM, fast); pass clip values of 3.0 to train as the paper did.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import pickle
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data import (
+    BOS_TOKEN, EOS_TOKEN, MAX_CHARS, PAD_ID, UserError, batch_to_ids, boundary_char_ids,
+)
+
+CHECKPOINT_FORMAT = "elmo-pytorch/1"  # bump when the checkpoint layout changes incompatibly
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration: the architecture only. Run settings (learning rate, device, ...) live in the scripts.
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class ELMoConfig:
+    token_encoder: str = "char"       # "char" (character CNN, as ELMo) or "word" (word embeddings)
+    # character CNN (Kim et al., 2016, as used by ELMo)
+    n_characters: int = 262           # 256 bytes + 5 marks (word start/end, sentence start/end, pad) + 1 shift
+    char_embed_dim: int = 16          # C
+    filters: list = field(default_factory=lambda: [[1, 32], [2, 32], [3, 64], [4, 128], [5, 256],
+                                                   [6, 512], [7, 1024]])  # [width, count] pairs; F = sum
+    n_highway: int = 1
+    # word embeddings (token_encoder == "word"); the rows are the LM vocabulary
+    word_embed_dim: int = 300
+    # LSTM stacks, one per direction
+    lstm_dim: int = 1024              # D, the memory cell
+    projection_dim: int = 128         # P, the output of every layer and of the token encoder
+    n_layers: int = 2                 # L
+    cell_clip: float = 0.0            # paper: 3.0; 0 = off
+    proj_clip: float = 0.0            # paper: 3.0; 0 = off
+    residual: bool = True             # skip connection from the second layer on (paper: yes)
+    dropout: float = 0.1              # on the input of every LSTM layer and before the softmax (paper: 0.1)
+    # LM head: one softmax shared by both directions
+    vocab_size: int = 0               # V, set from the training vocabulary
+    softmax: str = "full"             # "full" or "adaptive"
+    adaptive_cutoffs: list = field(default_factory=lambda: [2000, 10000])
+
+    @property
+    def n_filters(self) -> int:       # F
+        return sum(n for _, n in self.filters)
+
+    def validate(self) -> "ELMoConfig":
+        if self.token_encoder not in ("char", "word"):
+            raise ValueError(f"token_encoder must be 'char' or 'word', not {self.token_encoder!r}")
+        if self.softmax not in ("full", "adaptive"):
+            raise ValueError(f"softmax must be 'full' or 'adaptive', not {self.softmax!r}")
+        if not 0 < self.projection_dim < self.lstm_dim:
+            raise ValueError("need 0 < projection_dim < lstm_dim (nn.LSTM's proj_size rule)")
+        if self.n_layers < 1 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError("need n_layers >= 1 and 0 <= dropout < 1")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ELMoConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}: checkpoint from a newer version?")
+        return cls(**d).validate()
+
+
+ELMO_FILTERS = [[1, 32], [2, 32], [3, 64], [4, 128], [5, 256], [6, 512], [7, 1024]]  # 2048 filters
+PRESETS = {
+    # for tests: seconds on a CPU
+    "tiny": dict(char_embed_dim=4, filters=[[1, 4], [2, 8], [3, 16]], n_highway=1, word_embed_dim=16,
+                 lstm_dim=32, projection_dim=16),
+    # the largest that trains usefully on 2 CPU cores in 15 minutes (chosen by measurement, see README):
+    # a narrow CNN, a wide cell behind a small projection (cheap recurrence, cheap softmax), adaptive softmax
+    "cpu": dict(char_embed_dim=16, filters=[[1, 32], [2, 64], [3, 128], [4, 128], [5, 128]], n_highway=1,
+                word_embed_dim=256, lstm_dim=1024, projection_dim=256, softmax="adaptive",
+                adaptive_cutoffs=[2000, 10000]),
+    # AllenNLP's published models: "small" 2x1024_128_2048cnn_1xhighway (13.6M parameters without softmax),
+    # "medium" 2x2048_256_2048cnn_1xhighway, "original" 2x4096_512_2048cnn_2xhighway (93.6M)
+    "small": dict(filters=ELMO_FILTERS, n_highway=1, lstm_dim=1024, projection_dim=128),
+    "medium": dict(filters=ELMO_FILTERS, n_highway=1, lstm_dim=2048, projection_dim=256),
+    "original": dict(filters=ELMO_FILTERS, n_highway=2, lstm_dim=4096, projection_dim=512),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Character CNN token encoder: characters -> one P-dim vector per token, no context yet.
+# ---------------------------------------------------------------------------------------------------------
+class Highway(nn.Module):
+    """y = g * relu(W_t x + b_t) + (1 - g) * x, with g = sigmoid(W_c x + b_c) (Srivastava et al., 2015).
+
+    Named as in bilm-tf, where the gate is called the "carry" gate although it gates the *transform*.
+    AllenNLP stores one fused Linear with the carry half negated; we keep the two halves as bilm-tf does,
+    so converted weights need no sign flips.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.transform = nn.Linear(dim, dim)
+        self.carry = nn.Linear(dim, dim)
+        nn.init.constant_(self.carry.bias, -2.0)  # start close to the identity, as bilm-tf does
+
+    def forward(self, x):                               # (N, F) -> (N, F)
+        gate = torch.sigmoid(self.carry(x))
+        return gate * F.relu(self.transform(x)) + (1.0 - gate) * x
+
+
+class CharCNN(nn.Module):
+    """Token encoder of ELMo: char embedding -> convolutions -> max-pool -> relu -> highway -> projection."""
+
+    def __init__(self, config: ELMoConfig):
+        super().__init__()
+        c = config
+        # id 0 is a padding *token* (no characters at all) and embeds to zeros, as in AllenNLP
+        self.char_embed = nn.Embedding(c.n_characters, c.char_embed_dim, padding_idx=PAD_ID)
+        self.convs = nn.ModuleList(nn.Conv1d(c.char_embed_dim, n, width) for width, n in c.filters)
+        self.max_width = max(width for width, _ in c.filters)
+        self.highways = nn.ModuleList(Highway(c.n_filters) for _ in range(c.n_highway))
+        self.proj = nn.Linear(c.n_filters, c.projection_dim)
+
+    def encode_tokens(self, chars):                     # (N, W) -> (N, P)
+        x = self.char_embed(chars).transpose(1, 2)      # (N, W) -> (N, W, C) -> (N, C, W) for Conv1d
+        # Max-pool over positions *before* the activation, as in bilm-tf (relu is monotonic, so this is the
+        # same as relu-then-pool, and cheaper: the activation runs on (N, F) instead of (N, F, W)).
+        pooled = [conv(x).max(dim=2).values for conv in self.convs]   # each (N, F_k)
+        h = F.relu(torch.cat(pooled, dim=1))            # (N, F)
+        for highway in self.highways:
+            h = highway(h)
+        return self.proj(h)                             # (N, F) -> (N, P)
+
+    def forward(self, chars, unique: bool = True):      # (B, T, W) -> (B, T, P)
+        B, T, W = chars.shape
+        flat = chars.reshape(B * T, W)                  # (B, T, W) -> (B*T, W)
+        if not unique:
+            return self.encode_tokens(flat).reshape(B, T, -1)
+        # 1) Trim character positions that cannot change the result. A window of width k touches a real
+        #    character only if it starts before the longest word ends (at `longest`); every window after
+        #    that sees only the pad character and gives the same value. Keeping `longest + max_width`
+        #    positions keeps every distinct window value, so the max-pool is unchanged. (Exact.)
+        longest = int((flat > 0).sum(dim=1).max()) if flat.numel() else 0
+        flat = flat[:, : min(W, longest + self.max_width)]
+        # 2) Run the CNN once per distinct token of the batch: a sentence batch repeats "the", "," ...
+        #    many times, and the CNN is the same function for each copy. (Exact.)
+        distinct, inverse = torch.unique(flat, dim=0, return_inverse=True)   # (N, W'), (B*T,)
+        return self.encode_tokens(distinct)[inverse].reshape(B, T, -1)       # (N, P) -> (B, T, P)
+
+
+class WordEncoder(nn.Module):
+    """The word-embedding alternative (as in the notebook this project grew from): one vector per LM-vocab
+    word, projected to P. Cannot represent words outside the vocabulary (they map to <unk>)."""
+
+    def __init__(self, config: ELMoConfig):
+        super().__init__()
+        self.embed = nn.Embedding(config.vocab_size, config.word_embed_dim, padding_idx=PAD_ID)
+        self.proj = nn.Linear(config.word_embed_dim, config.projection_dim)
+
+    def forward(self, words, unique: bool = True):      # (B, T) -> (B, T, P)
+        return self.proj(self.embed(words))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LSTM with a projection (Sak et al., 2014), one layer, one direction; two implementations, one parameter set.
+# ---------------------------------------------------------------------------------------------------------
+class LstmLayer(nn.Module):
+    """One LSTM layer with cell D and projected output P. The parameters are an `nn.LSTM(proj_size=P)`'s,
+    so the fused kernel can run them; `reference()` runs the same parameters one explicit step at a time.
+    Gate order (torch's): input i, forget f, cell candidate g, output o."""
+
+    def __init__(self, input_dim: int, config: ELMoConfig):
+        super().__init__()
+        self.lstm = nn.LSTM(input_dim, config.lstm_dim, proj_size=config.projection_dim, batch_first=True)
+        self.cell_clip, self.proj_clip = config.cell_clip, config.proj_clip
+        with torch.no_grad():  # forget-gate bias 1.0, the value TensorFlow's LSTMCell adds at run time
+            D = config.lstm_dim
+            self.lstm.bias_ih_l0[D:2 * D].fill_(1.0)
+            self.lstm.bias_hh_l0[D:2 * D].zero_()
+
+    def fused(self, x):                                 # (B, T, in) -> (B, T, P)
+        if self.cell_clip or self.proj_clip:
+            raise ValueError("the fused nn.LSTM path cannot clip; use impl='reference' or clip 0")
+        return self.lstm(x)[0]
+
+    def reference(self, x):                             # (B, T, in) -> (B, T, P)
+        lstm = self.lstm
+        B, T, _ = x.shape
+        # The input's share of every gate, for all steps in one matmul; only the recurrence is sequential.
+        gates_x = F.linear(x, lstm.weight_ih_l0, lstm.bias_ih_l0 + lstm.bias_hh_l0)  # (B, T, 4D)
+        h = x.new_zeros(B, lstm.proj_size)              # (B, P) zero state: every call starts fresh
+        c = x.new_zeros(B, lstm.hidden_size)            # (B, D)
+        outputs = []
+        for t in range(T):
+            gates = gates_x[:, t] + h @ lstm.weight_hh_l0.T                # (B, 4D)
+            i, f, g, o = gates.chunk(4, dim=1)                               # 4 x (B, D)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)     # new memory cell
+            if self.cell_clip:
+                c = c.clamp(-self.cell_clip, self.cell_clip)
+            h = (torch.sigmoid(o) * torch.tanh(c)) @ lstm.weight_hr_l0.T    # (B, D) -> (B, P) projection
+            if self.proj_clip:
+                h = h.clamp(-self.proj_clip, self.proj_clip)
+            outputs.append(h)
+        return torch.stack(outputs, dim=1)              # T x (B, P) -> (B, T, P)
+
+
+def reverse_within_length(x, lengths):
+    """Reverse each row's first `lengths[b]` steps and leave its padding where it is: (B, T, ...) -> same.
+    The backward LSTM reads the reversed sentence forwards, so it starts at the sentence's last real token,
+    never at padding. Applying it twice gives back the input."""
+    B, T = x.shape[:2]
+    steps = torch.arange(T, device=x.device).unsqueeze(0)           # (1, T)
+    index = lengths.unsqueeze(1) - 1 - steps                          # (B, T)
+    index = torch.where(index >= 0, index, steps.expand(B, T))       # padding keeps its place
+    index = index.view(B, T, *([1] * (x.dim() - 2))).expand_as(x)
+    return x.gather(1, index)
+
+
+class LstmStack(nn.Module):
+    """L LSTM layers of one direction, reading left to right. Returns every layer's output, because ELMo's
+    representation mixes all of them. Dropout on each layer's input (as bilm-tf); residual from layer 2 on."""
+
+    def __init__(self, config: ELMoConfig):
+        super().__init__()
+        P = config.projection_dim
+        self.layers = nn.ModuleList(LstmLayer(P, config) for _ in range(config.n_layers))
+        self.dropout = nn.Dropout(config.dropout)
+        self.residual = config.residual
+
+    def forward(self, x, impl: str):                    # (B, T, P) -> L x (B, T, P)
+        outputs = []
+        for k, layer in enumerate(self.layers):
+            inp = self.dropout(x)
+            h = layer.reference(inp) if impl == "reference" else layer.fused(inp)
+            if k > 0 and self.residual:
+                h = h + x                               # skip connection (AllenNLP: use_skip_connections)
+            outputs.append(h)
+            x = h
+        return outputs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The biLM: token encoder -> forward stack and backward stack -> one shared softmax.
+# ---------------------------------------------------------------------------------------------------------
+class BiLM(nn.Module):
+    """Bidirectional LM (paper eq. 1-3). Forward: p(t_k | t_1..t_{k-1}); backward: p(t_k | t_{k+1}..t_N);
+    both share the token encoder and the softmax, and have separate LSTMs. The two stacks never exchange
+    information, so the forward output at a position has seen only that position and the ones before it:
+    that is what makes it a language model and not a model that reads the answer."""
+
+    def __init__(self, config: ELMoConfig, impl: str = "auto"):
+        super().__init__()
+        self.config = config.validate()
+        self.impl = impl
+        self.token_encoder = CharCNN(config) if config.token_encoder == "char" else WordEncoder(config)
+        self.forward_lstm = LstmStack(config)
+        self.backward_lstm = LstmStack(config)
+        self.dropout = nn.Dropout(config.dropout)
+        if config.vocab_size <= 0:
+            self.head = None                            # a biLM without LM head (official weights)
+        elif config.softmax == "full":
+            self.head = nn.Linear(config.projection_dim, config.vocab_size)
+        else:
+            cutoffs = [c for c in config.adaptive_cutoffs if c < config.vocab_size - 1]
+            self.head = nn.AdaptiveLogSoftmaxWithLoss(config.projection_dim, config.vocab_size, cutoffs,
+                                                      div_value=4.0)
+
+    @property
+    def lstm_impl(self) -> str:
+        if self.impl != "auto":
+            return self.impl
+        return "reference" if (self.config.cell_clip or self.config.proj_clip) else "fused"
+
+    def add_boundaries(self, inputs):
+        """Wrap each sentence in <S> ... </S>: (B, T, W) -> (B, T+2, W) char ids, or (B, T) -> (B, T+2) word
+        ids. Returns the new inputs, the new mask (B, T+2) and the lengths with boundaries (B,)."""
+        is_char = inputs.dim() == 3
+        mask = (inputs > 0).any(dim=-1) if is_char else inputs > 0          # (B, T)
+        lengths = mask.sum(dim=1)                                            # (B,)
+        B = inputs.shape[0]
+        out = inputs.new_zeros(B, inputs.shape[1] + 2, *inputs.shape[2:])    # (B, T+2[, W])
+        out[:, 1:-1] = inputs
+        rows = torch.arange(B, device=inputs.device)
+        if is_char:
+            bos, eos = boundary_char_ids(inputs.device)                      # (W,), (W,)
+        else:
+            bos, eos = BOS_WORD_ID, EOS_WORD_ID
+        out[:, 0] = bos
+        out[rows, lengths + 1] = eos
+        mask = torch.arange(out.shape[1], device=inputs.device).unsqueeze(0) < (lengths + 2).unsqueeze(1)
+        return out, mask, lengths + 2
+
+    def encode(self, inputs):
+        """Inputs *with* boundaries -> token embeddings (B, T, P) and the two stacks' outputs (L x (B, T, P)
+        each), zero at padding. Stateless: every call starts from zero LSTM state."""
+        mask = (inputs > 0).any(dim=-1) if inputs.dim() == 3 else inputs > 0  # (B, T)
+        lengths = mask.sum(dim=1)
+        m = mask.unsqueeze(-1).to(torch.get_default_dtype())                   # (B, T, 1)
+        tokens = self.token_encoder(inputs)                                     # (B, T, P)
+        m = m.to(tokens.dtype)
+        forward = [h * m for h in self.forward_lstm(tokens, self.lstm_impl)]
+        # backward: read each sentence reversed within its length, then put the outputs back in place
+        backward = self.backward_lstm(reverse_within_length(tokens, lengths), self.lstm_impl)
+        backward = [reverse_within_length(h, lengths) * m for h in backward]
+        return tokens, forward, backward
+
+    def forward(self, inputs, boundaries: bool = False):
+        """ELMo's layers for sentences without boundaries (the public contract, see the module docstring):
+        {"activations": L+1 x (B, T, 2P), "mask": (B, T)}. With boundaries=True the <S>/</S> positions are
+        kept: L+1 x (B, T+2, 2P) and the mask (B, T+2), as AllenNLP's `_ElmoBiLm` returns them."""
+        inputs_bos_eos, mask_bos_eos, _ = self.add_boundaries(inputs)
+        tokens, forward, backward = self.encode(inputs_bos_eos)
+        m = mask_bos_eos.unsqueeze(-1).to(tokens.dtype)
+        layers = [torch.cat([tokens, tokens], dim=-1) * m]                   # layer 0: [e; e] (B, T+2, 2P)
+        layers += [torch.cat([f, b], dim=-1) for f, b in zip(forward, backward)]
+        if boundaries:
+            return {"activations": layers, "mask": mask_bos_eos}
+        return {"activations": [remove_boundaries(h, mask_bos_eos) for h in layers],
+                "mask": mask_bos_eos[:, 2:]}
+
+    def lm_nll(self, inputs, targets):
+        """Summed negative log-likelihood of both directions (paper eq. 3) and the prediction count.
+
+        inputs: (B, T) sentences without boundaries (char ids (B, T, W) or word ids); targets: (B, T+2) LM
+        vocabulary ids of <S> w_1 .. w_n </S>, PAD_ID after. The forward output at position t predicts
+        token t+1 and the backward output at t predicts token t-1, so each sentence gives n+1 predictions
+        per direction (the words and </S>, resp. the words and <S>): the word-level PTB convention.
+        Returns (nll_forward_sum, nll_backward_sum, n_predictions per direction)."""
+        inputs_bos_eos, _, _ = self.add_boundaries(inputs)
+        _, forward, backward = self.encode(inputs_bos_eos)
+        fwd_h, bwd_h = self.dropout(forward[-1]), self.dropout(backward[-1])     # (B, T+2, P)
+        fwd_y, bwd_y = targets[:, 1:], targets[:, :-1]                            # (B, T+1)
+        fwd_keep, bwd_keep = fwd_y != PAD_ID, bwd_y != PAD_ID
+        nll_f = self.token_nll(fwd_h[:, :-1][fwd_keep], fwd_y[fwd_keep])         # (n, P) -> ()
+        nll_b = self.token_nll(bwd_h[:, 1:][bwd_keep], bwd_y[bwd_keep])
+        return nll_f, nll_b, int(fwd_keep.sum())
+
+    def token_nll(self, h, y):                          # (n, P), (n,) -> () summed NLL
+        if isinstance(self.head, nn.Linear):
+            return F.cross_entropy(self.head(h).float(), y, reduction="sum")   # (n, P) -> (n, V)
+        return -self.head(h.float(), y).output.sum()    # adaptive softmax: exact log p(y), normalised
+
+
+def remove_boundaries(x, mask_bos_eos):
+    """Drop the <S> and </S> positions: (B, T+2, ...) -> (B, T, ...), zero at padding (as AllenNLP's
+    `remove_sentence_boundaries`)."""
+    lengths = mask_bos_eos.sum(dim=1) - 2                                # (B,)
+    out = x[:, 1:-1].clone()                                             # (B, T, ...)
+    keep = torch.arange(out.shape[1], device=x.device).unsqueeze(0) < lengths.unsqueeze(1)
+    return out * keep.view(*keep.shape, *([1] * (x.dim() - 2))).to(out.dtype)
+
+
+BOS_WORD_ID, EOS_WORD_ID, UNK_WORD_ID = 1, 2, 3  # data.SPECIALS = [<pad>, <S>, </S>, <unk>]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scalar mix (paper eq. 1): ELMo_k = gamma * sum_j s_j h_{k,j}, s = softmax(w).
+# ---------------------------------------------------------------------------------------------------------
+class ScalarMix(nn.Module):
+    """A task-specific, learned weighted sum of the biLM's L+1 layers. `layer_norm=True` normalises each
+    layer first (paper section 3.2 footnote), AllenNLP-style: one mean and variance over all *unmasked*
+    elements of the batch, so padding never moves the statistics."""
+
+    def __init__(self, n_layers: int, layer_norm: bool = False):
+        super().__init__()
+        self.weights = nn.Parameter(torch.zeros(n_layers))  # w, softmax-normalised into s
+        self.gamma = nn.Parameter(torch.ones(()))            # gamma, scales the whole vector
+        self.layer_norm = layer_norm
+
+    def forward(self, layers, mask=None):              # L+1 x (B, T, 2P), (B, T) -> (B, T, 2P)
+        s = torch.softmax(self.weights, dim=0)
+        if self.layer_norm:
+            if mask is None:
+                raise ValueError("layer_norm needs the mask")
+            m = mask.unsqueeze(-1).to(layers[0].dtype)                  # (B, T, 1)
+            count = m.sum() * layers[0].shape[-1]
+            normed = []
+            for h in layers:
+                mean = (h * m).sum() / count
+                var = (((h - mean) * m) ** 2).sum() / count
+                normed.append((h - mean) / torch.sqrt(var + 1e-13))     # AllenNLP's tiny_value_of_dtype
+            layers = normed
+        return self.gamma * sum(w * h for w, h in zip(s, layers))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The ELMo embedder: a frozen biLM and task-specific scalar mixes (paper section 3.3).
+# ---------------------------------------------------------------------------------------------------------
+class ElmoEmbedder(nn.Module):
+    """Frozen biLM + `n_outputs` scalar mixes + dropout. Only the mixes train. As AllenNLP's `Elmo`, the
+    mix runs over the layers *with* <S>/</S> (so layer-norm statistics match it), then drops them.
+
+    `layers()` is the expensive, frozen part; its output can be cached per example and fed to `mix()`."""
+
+    def __init__(self, bilm: BiLM, n_outputs: int = 1, layer_norm: bool = False, dropout: float = 0.5):
+        super().__init__()
+        self.bilm = bilm.eval()
+        for p in self.bilm.parameters():
+            p.requires_grad_(False)
+        n_layers = bilm.config.n_layers + 1
+        self.mixes = nn.ModuleList(ScalarMix(n_layers, layer_norm) for _ in range(n_outputs))
+        self.dropout = nn.Dropout(dropout)
+        self.output_dim = 2 * bilm.config.projection_dim
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.bilm.eval()                                # the biLM never leaves eval mode (no dropout)
+        return self
+
+    @torch.no_grad()
+    def layers(self, inputs):
+        """(B, T, W) char ids -> L+1 layers (B, T+2, 2P) with boundaries, and the mask (B, T+2)."""
+        out = self.bilm(inputs, boundaries=True)
+        return out["activations"], out["mask"]
+
+    def mix(self, layers, mask_bos_eos):
+        """L+1 x (B, T+2, 2P) -> n_outputs x (B, T, 2P): mix, drop the boundaries, dropout."""
+        return [self.dropout(remove_boundaries(mix(layers, mask_bos_eos), mask_bos_eos))
+                for mix in self.mixes]
+
+    def forward(self, inputs):
+        layers, mask_bos_eos = self.layers(inputs)
+        return {"elmo": self.mix(layers, mask_bos_eos), "mask": mask_bos_eos[:, 2:]}
+
+    def l2_penalty(self):
+        """sum ||w||^2 of the mix weights: the paper's lambda term, pulls the mix towards an average."""
+        return sum((mix.weights ** 2).sum() for mix in self.mixes)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints: self-describing, tensors and plain containers only, loaded with weights_only=True.
+# ---------------------------------------------------------------------------------------------------------
+def atomic_save(obj, path: str):
+    """Write to a temporary file in the same directory, fsync, then rename over `path`: a crash or a kill
+    at any instant leaves either the old file or the new one, never half of one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(directory, os.O_RDONLY)
+        os.fsync(dir_fd)
+        os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def load_checkpoint(path: str, kind: str | tuple | None = None) -> dict:
+    """Load a checkpoint written by one of our scripts, safely, with one-line errors for every failure:
+    missing, not a PyTorch file, truncated, holds pickled code, wrong format version, wrong kind."""
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint path is a directory, expected a .pt file: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if "weights_only" in str(e) or "Unsupported" in str(e) or "global" in str(e).lower():
+            raise UserError(f"refusing to load {path}: it contains pickled Python objects, which could run "
+                            f"code; only tensors and plain containers are accepted") from None
+        raise UserError(f"{path} is not a valid checkpoint (corrupt or truncated: {first[:80]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not a readable PyTorch checkpoint (corrupt, truncated or another kind "
+                        f"of file: {first[:80]})") from None
+    if not isinstance(ckpt, dict) or "format" not in ckpt:
+        raise UserError(f"{path} is a PyTorch file but not one of our checkpoints (no 'format' key)")
+    if ckpt["format"] != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} has checkpoint format {ckpt['format']!r}; this code reads "
+                        f"{CHECKPOINT_FORMAT!r}")
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if kinds and ckpt.get("kind") not in kinds:
+        raise UserError(f"{path} is a {ckpt.get('kind')!r} checkpoint, expected {' or '.join(kinds)}"
+                        + (" (a biLM from train_lm.py)" if "bilm" in kinds else ""))
+    return ckpt
+
+
+def bilm_from_checkpoint(ckpt: dict, impl: str = "auto") -> BiLM:
+    """Rebuild a biLM from a checkpoint's config and weights: no sizes asked for again."""
+    model = BiLM(ELMoConfig.from_dict(ckpt["config"]), impl=impl)
+    model.load_state_dict(ckpt["model"])
+    model.vocab = ckpt.get("vocab")
+    return model
+
+
+def load_elmo(path: str, device="cpu", impl: str = "auto") -> BiLM:
+    """The public entry point: a `train_lm.py` checkpoint (or, given an official `*.hdf5` weight file with
+    its `options.json` beside it or named as `options=...`, official weights) -> frozen biLM in eval mode."""
+    if str(path).endswith((".hdf5", ".h5")):
+        options = os.path.join(os.path.dirname(path) or ".", "options.json")
+        model = load_official_weights(options, path)
+    else:
+        model = bilm_from_checkpoint(load_checkpoint(path, "bilm"), impl)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Official weights (bilm-tf HDF5 + options.json) -> our BiLM, with every TensorFlow quirk at its place.
+# ---------------------------------------------------------------------------------------------------------
+def load_official_weights(options_file: str, weights_file: str) -> BiLM:
+    import json
+    try:
+        import h5py  # only needed here: official weights are HDF5
+    except ImportError:
+        raise UserError("reading official weights needs h5py: pip install h5py") from None
+    from data import check_file
+    with open(check_file(options_file, "options file")) as f:
+        options = json.load(f)
+    cnn, lstm = options["char_cnn"], options["lstm"]
+    if cnn.get("activation", "relu") != "relu" or cnn.get("max_characters_per_token", MAX_CHARS) != MAX_CHARS:
+        raise UserError("only relu character CNNs with 50 characters per token are supported")
+    with h5py.File(check_file(weights_file, "weights file"), "r") as h5:
+        char_embed = torch.from_numpy(h5["char_embed"][...])                  # (261, C): ids 1.. shifted
+        config = ELMoConfig(
+            token_encoder="char", n_characters=char_embed.shape[0] + 1, char_embed_dim=cnn["embedding"]["dim"],
+            filters=[list(f) for f in cnn["filters"]], n_highway=cnn["n_highway"],
+            lstm_dim=lstm["dim"], projection_dim=lstm["projection_dim"], n_layers=lstm["n_layers"],
+            cell_clip=float(lstm.get("cell_clip") or 0), proj_clip=float(lstm.get("proj_clip") or 0),
+            residual=bool(lstm.get("use_skip_connections")), dropout=0.0, vocab_size=0)
+        model = BiLM(config)
+        state = {}
+
+        def t(name):
+            return torch.from_numpy(h5[name][...])
+
+        # char embedding: the file has no row for id 0 (padding); AllenNLP prepends a zero row
+        state["token_encoder.char_embed.weight"] = torch.cat([torch.zeros(1, char_embed.shape[1]), char_embed])
+        for k in range(len(config.filters)):
+            # TF conv2d kernel (1, width, C, F_k) -> torch Conv1d (F_k, C, width)
+            state[f"token_encoder.convs.{k}.weight"] = t(f"CNN/W_cnn_{k}")[0].permute(2, 1, 0)
+            state[f"token_encoder.convs.{k}.bias"] = t(f"CNN/b_cnn_{k}")
+        for k in range(config.n_highway):
+            for part in ("transform", "carry"):  # TF computes x @ W, torch x @ W.T
+                state[f"token_encoder.highways.{k}.{part}.weight"] = t(f"CNN_high_{k}/W_{part}").T
+                state[f"token_encoder.highways.{k}.{part}.bias"] = t(f"CNN_high_{k}/b_{part}")
+        state["token_encoder.proj.weight"] = t("CNN_proj/W_proj").T
+        state["token_encoder.proj.bias"] = t("CNN_proj/b_proj")
+        D, P = config.lstm_dim, config.projection_dim
+        for direction, stack in ((0, "forward_lstm"), (1, "backward_lstm")):
+            for k in range(config.n_layers):
+                cell = f"RNN_{direction}/RNN/MultiRNNCell/Cell{k}/LSTMCell"
+                W = t(f"{cell}/W_0").T                       # (in + P, 4D) -> (4D, in + P); TF: [x; h] @ W
+                b = t(f"{cell}/B").clone()                   # (4D,)
+                # TF's LSTMCell gate order is i, j (candidate), f, o and it adds 1.0 to f at run time;
+                # torch's is i, f, g (candidate), o. Reorder, and fold the +1.0 into the stored bias.
+                b[2 * D:3 * D] += 1.0
+                order = torch.cat([torch.arange(0, D), torch.arange(2 * D, 3 * D),
+                                   torch.arange(D, 2 * D), torch.arange(3 * D, 4 * D)])
+                W, b = W[order], b[order]
+                n_in = W.shape[1] - P
+                prefix = f"{stack}.layers.{k}.lstm"
+                state[f"{prefix}.weight_ih_l0"] = W[:, :n_in]
+                state[f"{prefix}.weight_hh_l0"] = W[:, n_in:]
+                state[f"{prefix}.bias_ih_l0"] = b
+                state[f"{prefix}.bias_hh_l0"] = torch.zeros_like(b)
+                state[f"{prefix}.weight_hr_l0"] = t(f"{cell}/W_P_0").T    # (D, P) -> (P, D)
+    model.load_state_dict({k: v.contiguous().float() for k, v in state.items()})
+    model.vocab = None
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Runtime shared by the scripts: devices, parameter counts, one-line errors.
+# ---------------------------------------------------------------------------------------------------------
+def pick_device(name: str) -> torch.device:
+    """'auto' -> cuda > mps > cpu. Asking for a device that is not there is a user error naming those that are."""
+    have = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) \
+        + (["mps"] if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else [])
+    if name == "auto":
+        return torch.device("cuda" if "cuda" in have else "mps" if "mps" in have else "cpu")
+    if name.split(":")[0] not in have:
+        raise UserError(f"--device {name} is not available here; available: {', '.join(have)}")
+    return torch.device(name)
+
+
+def count_parameters(model: BiLM) -> dict:
+    """Parameters of the biLM without the softmax (what AllenNLP publishes) and of the softmax."""
+    head = sum(p.numel() for p in model.head.parameters()) if model.head is not None else 0
+    total = sum(p.numel() for p in model.parameters())
+    return {"bilm": total - head, "softmax": head, "total": total}
+
+
+def run_main(main):
+    """Run a script's main(): a UserError becomes one line on stderr and exit status 2."""
+    import sys
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
