@@ -244,11 +244,13 @@ class Corpus:
         return inputs, targets
 
 
-def bucket_batches(lengths: torch.Tensor, batch_tokens: int, seed: int, shuffle: bool = True):
+def bucket_batches(lengths: torch.Tensor, batch_tokens: int, seed: int, shuffle: bool = True,
+                   max_sentences: int = 0):
     """Length-bucketed batches under a token budget: sentences of similar length go together (little
     padding), each batch holds at most `batch_tokens` padded tokens (B * longest), and the batch order is
-    shuffled. Deterministic in `seed` (we pass seed + epoch), which is what lets --resume skip to the exact
-    batch where a run stopped. Returns a list of index lists."""
+    shuffled; `max_sentences` (0 = none) also caps the sentences per batch. Deterministic in `seed` (we pass
+    seed + epoch), which is what lets --resume skip to the exact batch where a run stopped. Returns a list
+    of index lists."""
     rng = random.Random(seed)
     lengths = lengths.tolist()
     order = list(range(len(lengths)))
@@ -258,7 +260,8 @@ def bucket_batches(lengths: torch.Tensor, batch_tokens: int, seed: int, shuffle:
     batches, current, longest = [], [], 0
     for i in order:
         n = lengths[i]
-        if current and max(longest, n) * (len(current) + 1) > batch_tokens:
+        full = max(longest, n) * (len(current) + 1) > batch_tokens or len(current) == max_sentences
+        if current and full:
             batches.append(current)
             current, longest = [], 0
         current.append(i)
@@ -268,3 +271,85 @@ def bucket_batches(lengths: torch.Tensor, batch_tokens: int, seed: int, shuffle:
     if shuffle:
         rng.shuffle(batches)
     return batches
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Labelled data for the downstream tasks: SST trees, TSV files
+# ---------------------------------------------------------------------------------------------------------
+_PTB_BRACKETS = {"-LRB-": "(", "-RRB-": ")", "-LSB-": "[", "-RSB-": "]", "-LCB-": "{", "-RCB-": "}"}
+
+
+def parse_tree(line: str):
+    """One SST tree in PTB format, e.g. "(3 (2 It) (4 (3 works) (2 .)))" -> (root label, tokens, subtrees),
+    subtrees = [(label, tokens)] for every node, the root first. Bracket tokens (-LRB- ...) become ( ) etc.
+    Raises ValueError on malformed input."""
+    pos, n = 0, len(line)
+    subtrees = []
+
+    def skip():
+        nonlocal pos
+        while pos < n and line[pos] == " ":
+            pos += 1
+
+    def node():
+        nonlocal pos
+        skip()
+        if pos >= n or line[pos] != "(":
+            raise ValueError(f"expected '(' at column {pos + 1}")
+        pos += 1
+        end = pos
+        while end < n and line[end] not in " ()":
+            end += 1
+        label = int(line[pos:end])
+        pos = end
+        slot = len(subtrees)
+        subtrees.append(None)
+        skip()
+        tokens = []
+        if pos < n and line[pos] == "(":
+            while pos < n and line[pos] == "(":
+                tokens += node()
+                skip()
+        else:
+            end = pos
+            while end < n and line[end] != ")":
+                end += 1
+            word = line[pos:end].strip()
+            if not word:
+                raise ValueError(f"empty leaf at column {pos + 1}")
+            tokens = [_PTB_BRACKETS.get(word, word)]
+            pos = end
+        if pos >= n or line[pos] != ")":
+            raise ValueError(f"expected ')' at column {pos + 1}")
+        pos += 1
+        subtrees[slot] = (label, tokens)
+        return tokens
+
+    tokens = node()
+    skip()
+    if pos != n:
+        raise ValueError(f"text after the tree at column {pos + 1}")
+    return subtrees[0][0], tokens, subtrees
+
+
+def read_tsv(path: str, columns: list[str], encoding="utf-8", skip_bad_lines=False):
+    """A TSV file with a header row naming at least `columns` -> (line number, {column: value}) rows.
+    A missing column is an error naming the file and the header found."""
+    lines = read_lines(path, encoding, skip_bad_lines)
+    try:
+        _, header = next(lines)
+    except StopIteration:
+        raise UserError(f"{path} is empty; expected a TSV with a header row: {chr(9).join(columns)}") from None
+    names = header.split("\t")
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise UserError(f"{path}: header has no column(s) {', '.join(missing)}; found {names[:6]} "
+                        f"(expected a TSV header: {'<TAB>'.join(columns)})")
+    index = [names.index(c) for c in columns]
+    for number, line in lines:
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) <= max(index):
+            raise UserError(f"{path}:{number}: expected {len(names)} tab-separated fields, found {len(parts)}")
+        yield number, {c: parts[i] for c, i in zip(columns, index)}

@@ -44,20 +44,22 @@ Deviations from the paper / bilm-tf and from AllenNLP, and why:
 """
 from __future__ import annotations
 
-import io
-import math
+import argparse
+import json
 import os
 import pickle
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+import warnings
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import (
-    BOS_TOKEN, EOS_TOKEN, MAX_CHARS, PAD_ID, UserError, batch_to_ids, boundary_char_ids,
-)
+# nn.LSTM with proj_size runs torch's own fused kernel instead of oneDNN's; that is expected, not a problem
+warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
+
+from data import MAX_CHARS, PAD_ID, UserError, batch_to_ids, boundary_char_ids
 
 CHECKPOINT_FORMAT = "elmo-pytorch/1"  # bump when the checkpoint layout changes incompatibly
 
@@ -120,8 +122,8 @@ PRESETS = {
                  lstm_dim=32, projection_dim=16),
     # the largest that trains usefully on 2 CPU cores in 15 minutes (chosen by measurement, see README):
     # a narrow CNN, a wide cell behind a small projection (cheap recurrence, cheap softmax), adaptive softmax
-    "cpu": dict(char_embed_dim=16, filters=[[1, 32], [2, 64], [3, 128], [4, 128], [5, 128]], n_highway=1,
-                word_embed_dim=256, lstm_dim=1024, projection_dim=256, softmax="adaptive",
+    "cpu": dict(char_embed_dim=16, filters=[[1, 32], [2, 32], [3, 64], [4, 128], [5, 128]], n_highway=1,
+                word_embed_dim=128, lstm_dim=512, projection_dim=128, softmax="adaptive",
                 adaptive_cutoffs=[2000, 10000]),
     # AllenNLP's published models: "small" 2x1024_128_2048cnn_1xhighway (13.6M parameters without softmax),
     # "medium" 2x2048_256_2048cnn_1xhighway, "original" 2x4096_512_2048cnn_2xhighway (93.6M)
@@ -375,10 +377,13 @@ class BiLM(nn.Module):
         _, forward, backward = self.encode(inputs_bos_eos)
         fwd_h, bwd_h = self.dropout(forward[-1]), self.dropout(backward[-1])     # (B, T+2, P)
         fwd_y, bwd_y = targets[:, 1:], targets[:, :-1]                            # (B, T+1)
-        fwd_keep, bwd_keep = fwd_y != PAD_ID, bwd_y != PAD_ID
-        nll_f = self.token_nll(fwd_h[:, :-1][fwd_keep], fwd_y[fwd_keep])         # (n, P) -> ()
-        nll_b = self.token_nll(bwd_h[:, 1:][bwd_keep], bwd_y[bwd_keep])
-        return nll_f, nll_b, int(fwd_keep.sum())
+        # Prediction j (j = 0 .. n) of a sentence: forward output j -> token j+1, backward output j+1 ->
+        # token j. The same mask serves both; it must not be `bwd_y != PAD`, which would also ask the
+        # backward output at the padding after </S> to predict </S>.
+        keep = fwd_y != PAD_ID                                                    # (B, T+1)
+        nll_f = self.token_nll(fwd_h[:, :-1][keep], fwd_y[keep])                 # (n, P) -> ()
+        nll_b = self.token_nll(bwd_h[:, 1:][keep], bwd_y[keep])
+        return nll_f, nll_b, int(keep.sum())
 
     def token_nll(self, h, y):                          # (n, P), (n,) -> () summed NLL
         if isinstance(self.head, nn.Linear):
@@ -473,6 +478,98 @@ class ElmoEmbedder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Downstream building blocks shared by train_sst.py and train_mnli.py
+# ---------------------------------------------------------------------------------------------------------
+class TokenFeatures(nn.Module):
+    """What a task model reads for each token: the ELMo mix of a frozen biLM (`--elmo PATH` or `random`),
+    or trainable word embeddings (`--elmo none`, the no-pretraining baseline).
+
+    The frozen biLM is the expensive part and gives the same layers every epoch, so with `cache=True` the
+    layers of each distinct sentence are kept after their first computation: later epochs only run the
+    mix and the task model. `batch(sentences)` turns token lists into this module's input; `forward` gives
+    (B, T, output_dim) features and the (B, T) mask."""
+
+    def __init__(self, bilm: BiLM | None = None, word_vocab: list | None = None, word_dim: int = 300,
+                 n_outputs: int = 1, layer_norm: bool = False, dropout: float = 0.5, cache: bool = True,
+                 cache_dtype=torch.float32):
+        super().__init__()
+        if bilm is not None:
+            self.elmo = ElmoEmbedder(bilm, n_outputs, layer_norm, dropout)
+            self.output_dim = self.elmo.output_dim
+        else:
+            self.elmo = None
+            self.word_index = {w: i for i, w in enumerate(word_vocab)}
+            self.embed = nn.Embedding(len(word_vocab), word_dim, padding_idx=PAD_ID)
+            self.dropout = nn.Dropout(dropout)
+            self.output_dim = word_dim
+        self.use_cache, self.cache_dtype = cache, cache_dtype
+        self.cache: dict[tuple, torch.Tensor] = {}   # sentence -> (L+1, T+2, 2P) layers with <S>/</S>
+
+    def _layers(self, sentences):
+        """Frozen biLM layers for a batch, from the cache where possible: (L+1, B, T+2, 2P), mask (B, T+2)."""
+        device = next(self.elmo.bilm.parameters()).device
+        if not self.use_cache:
+            layers, mask = self.elmo.layers(batch_to_ids(sentences).to(device))
+            return torch.stack(layers), mask
+        missing = list({tuple(s) for s in sentences if tuple(s) not in self.cache})
+        if missing:
+            layers, mask = self.elmo.layers(batch_to_ids([list(s) for s in missing]).to(device))
+            for b, s in enumerate(missing):
+                self.cache[s] = torch.stack([h[b, : len(s) + 2] for h in layers]).to("cpu", self.cache_dtype)
+        T = max(len(s) for s in sentences) + 2
+        out = torch.zeros(len(self.elmo.mixes[0].weights), len(sentences), T, self.output_dim)
+        for b, s in enumerate(sentences):
+            out[:, b, : len(s) + 2] = self.cache[tuple(s)]
+        lengths = torch.tensor([len(s) + 2 for s in sentences])
+        mask = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
+        return out.to(device), mask.to(device)
+
+    def forward(self, sentences, output: int = 0):      # token lists -> (B, T, F), (B, T)
+        if self.elmo is None:
+            device = self.embed.weight.device
+            T = max(len(s) for s in sentences)
+            unk = self.word_index.get("<unk>", PAD_ID)
+            ids = torch.tensor([[self.word_index.get(w, unk) for w in s] + [PAD_ID] * (T - len(s))
+                                for s in sentences], device=device)
+            return self.dropout(self.embed(ids)), ids != PAD_ID
+        layers, mask_bos_eos = self._layers(sentences)                        # (L+1, B, T+2, 2P)
+        return self.elmo.mix(list(layers), mask_bos_eos)[output], mask_bos_eos[:, 2:]
+
+    def l2_penalty(self):
+        return self.elmo.l2_penalty() if self.elmo is not None else torch.zeros(())
+
+
+class BiLstmEncoder(nn.Module):
+    """Token features -> BiLSTM (packed, so padding never reaches the backward direction) -> (B, T, 2H).
+    `encoder="mean"` skips the LSTM (the notebook's mean-pooling design)."""
+
+    def __init__(self, input_dim: int, hidden: int, encoder: str = "bilstm"):
+        super().__init__()
+        self.lstm = nn.LSTM(input_dim, hidden, batch_first=True, bidirectional=True) if encoder == "bilstm" \
+            else None
+        self.output_dim = 2 * hidden if self.lstm is not None else input_dim
+
+    def forward(self, x, mask):                         # (B, T, F), (B, T) -> (B, T, 2H)
+        if self.lstm is None:
+            return x * mask.unsqueeze(-1).to(x.dtype)
+        lengths = mask.sum(1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        out, _ = self.lstm(packed)
+        return nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0]
+
+
+def pool(h, mask, how: str):
+    """(B, T, H), (B, T) -> (B, H) or (B, 2H): max and/or mean over the real tokens only."""
+    m = mask.unsqueeze(-1)
+    pooled = []
+    if "max" in how:
+        pooled.append(h.masked_fill(~m, float("-inf")).max(dim=1).values)
+    if "mean" in how:
+        pooled.append((h * m.to(h.dtype)).sum(1) / m.sum(1).clamp(min=1).to(h.dtype))
+    return torch.cat(pooled, dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Checkpoints: self-describing, tensors and plain containers only, loaded with weights_only=True.
 # ---------------------------------------------------------------------------------------------------------
 def atomic_save(obj, path: str):
@@ -554,7 +651,6 @@ def load_elmo(path: str, device="cpu", impl: str = "auto") -> BiLM:
 # Official weights (bilm-tf HDF5 + options.json) -> our BiLM, with every TensorFlow quirk at its place.
 # ---------------------------------------------------------------------------------------------------------
 def load_official_weights(options_file: str, weights_file: str) -> BiLM:
-    import json
     try:
         import h5py  # only needed here: official weights are HDF5
     except ImportError:
@@ -634,6 +730,37 @@ def count_parameters(model: BiLM) -> dict:
     head = sum(p.numel() for p in model.head.parameters()) if model.head is not None else 0
     total = sum(p.numel() for p in model.parameters())
     return {"bilm": total - head, "softmax": head, "total": total}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors (unknown or misspelt flags, bad values) are one line and exit 2, and
+    whose --help shows the module docstring as written plus every default."""
+
+    def __init__(self, description):
+        fmt = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
+        super().__init__(description=description, formatter_class=fmt)
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def last_path(out: str) -> str:
+    """Where a script keeps its latest state for --resume: lm.pt -> lm.last.pt."""
+    return out[:-3] + ".last.pt" if out.endswith(".pt") else out + ".last.pt"
+
+
+def write_metrics(path, metrics: dict):
+    """--metrics-json: written atomically, like the checkpoints."""
+    if path:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(metrics, f, indent=2)
+        os.replace(tmp, path)
+
+
+def fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def run_main(main):

@@ -1,0 +1,751 @@
+"""Tests aimed at the real bugs of an ELMo implementation. Each test's docstring names the bug it catches.
+
+Run: pytest test_elmo.py   (CPU, a few minutes; `-m "not slow"` skips the end-to-end subprocess runs)
+"""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from data import UserError, batch_to_ids
+from elmo import (PRESETS, BiLM, ELMoConfig, ElmoEmbedder, ScalarMix, atomic_save, count_parameters,
+                  load_checkpoint, load_elmo, reverse_within_length)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GOLDEN = os.path.join(HERE, "testdata")
+ATOL = 1e-5  # the fixture's README: more than one thread moves values by up to ~7e-6
+
+SENTENCES = [["The", "cat", "sat", "on", "the", "mat", "."], ["Hi"], ["naïve", "café", "!", "ok"],
+             ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k"]]
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = ELMoConfig(**{**PRESETS["tiny"], "dropout": 0.0, "vocab_size": 40, **overrides})
+    return BiLM(config).eval()
+
+
+def word_ids(sentences, vocab_size=40):
+    """Deterministic fake word ids (>= 4, below the specials) for the word-encoder model."""
+    T = max(len(s) for s in sentences)
+    ids = torch.zeros(len(sentences), T, dtype=torch.long)
+    for b, s in enumerate(sentences):
+        ids[b, : len(s)] = torch.tensor([4 + sum(map(ord, w)) % (vocab_size - 4) for w in s])
+    return ids
+
+
+def inputs_for(model, sentences):
+    return batch_to_ids(sentences) if model.config.token_encoder == "char" else word_ids(sentences)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Golden values from AllenNLP (testdata/ = ../shared/fixtures/allennlp_tiny)
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def golden():
+    g = np.load(os.path.join(GOLDEN, "golden.npz"))
+    return {k: g[k] for k in g.files}
+
+
+@pytest.fixture(scope="module")
+def official():
+    return load_elmo(os.path.join(GOLDEN, "weights.hdf5"))
+
+
+def test_batch_to_ids_matches_allennlp(golden):
+    """Catches character-id bugs: the +1 shift, word marks, 48-byte truncation (mid-character), UTF-8 bytes
+    not code points, literal <S>/</S>, zero padding."""
+    sentences = json.loads(str(golden["sentences_json"]))
+    ids = batch_to_ids(sentences)
+    assert ids.dtype == torch.long
+    assert torch.equal(ids, torch.from_numpy(golden["char_ids"]))
+
+
+def test_official_weights_reproduce_allennlp(golden, official):
+    """Catches every TF-conversion detail: conv kernel layout, highway carry/transform roles, gate order
+    (i,j,f,o -> i,f,g,o), the forget-bias +1, W_0 split into input/recurrent halves, projection transpose,
+    cell and projection clipping (12% of cells clip in this model), skip connections, <S>/</S> handling."""
+    ids = batch_to_ids(json.loads(str(golden["sentences_json"])))
+    with torch.no_grad():
+        inputs, mask, _ = official.add_boundaries(ids)
+        tokens = official.token_encoder(inputs)
+        out = official(ids, boundaries=True)
+    assert torch.equal(mask, torch.from_numpy(golden["mask_bos_eos"]))
+    assert torch.allclose(tokens, torch.from_numpy(golden["token_embedding"]), atol=ATOL)
+    for k in range(3):
+        assert torch.allclose(out["activations"][k], torch.from_numpy(golden[f"layer_{k}"]), atol=ATOL), k
+
+
+def test_clipping_is_needed_for_golden(golden):
+    """Catches a loader or cell that silently ignores cell_clip/proj_clip: without them we must NOT match."""
+    model = load_elmo(os.path.join(GOLDEN, "weights.hdf5"))
+    for layer in list(model.forward_lstm.layers) + list(model.backward_lstm.layers):
+        layer.cell_clip = layer.proj_clip = 0.0
+    ids = batch_to_ids(json.loads(str(golden["sentences_json"])))
+    with torch.no_grad():
+        out = model(ids, boundaries=True)
+    assert not torch.allclose(out["activations"][2], torch.from_numpy(golden["layer_2"]), atol=1e-3)
+
+
+def test_stateless_matches_first_call_not_second(golden, official):
+    """Catches AllenNLP's silent statefulness: calling twice must give the same output, equal to
+    AllenNLP's first call and different from its second (which starts from the first call's states)."""
+    ids = batch_to_ids(json.loads(str(golden["sentences_json"])))
+    with torch.no_grad():
+        first = official(ids, boundaries=True)["activations"]
+        second = official(ids, boundaries=True)["activations"]
+    for k in range(3):
+        assert torch.equal(first[k], second[k])
+    assert not torch.allclose(second[2], torch.from_numpy(golden["call2_layer_2"]), atol=1e-2)
+
+
+def test_elmo_embedder_matches_allennlp(golden, official):
+    """Catches scalar-mix bugs (softmax of the weights, gamma, layer norm over masked elements, removing
+    <S>/</S> after mixing) against AllenNLP's `Elmo` output, with and without layer norm."""
+    ids = batch_to_ids(json.loads(str(golden["sentences_json"])))
+    for layer_norm, key in ((False, "elmo_representation"), (True, "elmo_representation_layer_norm")):
+        embedder = ElmoEmbedder(official, n_outputs=1, layer_norm=layer_norm, dropout=0.0)
+        with torch.no_grad():
+            embedder.mixes[0].weights.copy_(torch.from_numpy(golden["mix_weights"]))
+            out = embedder(ids)
+        assert torch.equal(out["mask"], torch.from_numpy(golden["mask"]))
+        assert torch.allclose(out["elmo"][0], torch.from_numpy(golden[key]), atol=ATOL), key
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shapes, padding, leakage, the two LSTM paths, the two CNN paths
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("encoder", ["char", "word"])
+def test_shapes_and_mask(encoder):
+    """Catches shape/alignment bugs: L+1 layers of (B, T, 2P) aligned to the input tokens, mask (B, T),
+    zeros at padding, layer 0 = [e; e]."""
+    model = tiny_model(token_encoder=encoder)
+    ids = inputs_for(model, SENTENCES)
+    with torch.no_grad():
+        out = model(ids)
+    B, T, P = len(SENTENCES), max(map(len, SENTENCES)), model.config.projection_dim
+    assert len(out["activations"]) == model.config.n_layers + 1
+    assert out["mask"].shape == (B, T) and out["mask"].dtype == torch.bool
+    assert out["mask"].sum(1).tolist() == [len(s) for s in SENTENCES]
+    for h in out["activations"]:
+        assert h.shape == (B, T, 2 * P)
+        assert torch.all(h[~out["mask"]] == 0)
+    layer0 = out["activations"][0]
+    assert torch.equal(layer0[..., :P], layer0[..., P:])
+    targets = torch.randint(4, 40, (B, T + 2))
+    nll_f, nll_b, n = model.lm_nll(ids, targets)
+    assert nll_f.shape == () and n == B * (T + 1)
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_padding_invariance(impl):
+    """Catches padding leakage: a sentence's vectors must be identical alone and in a batch padded to a
+    longer sentence (e.g. a backward LSTM that starts reading at the padding)."""
+    model = tiny_model()
+    model.impl = impl
+    with torch.no_grad():
+        batch = model(batch_to_ids(SENTENCES))["activations"]
+        for b, sentence in enumerate(SENTENCES):
+            alone = model(batch_to_ids([sentence]))["activations"]
+            for k, h in enumerate(alone):
+                n = len(sentence)
+                assert torch.allclose(batch[k][b, :n], h[0, :n], atol=1e-6), (b, k)
+
+
+@pytest.mark.parametrize("impl,encoder", [("fused", "char"), ("reference", "char"), ("fused", "word")])
+def test_no_future_leakage_in_any_layer(impl, encoder):
+    """Catches the notebook's bug (a 'language model' that reads the answer): changing the tokens after
+    position t changes no forward output at or before t, and changing tokens before t changes no backward
+    output at or after t, in every layer."""
+    model = tiny_model(token_encoder=encoder)
+    model.impl = impl
+    sentence = ["w%d" % i for i in range(9)]
+    t = 4
+    later = sentence[: t + 1] + ["changed", "x", "yy", "zzz"]
+    earlier = ["changed", "x", "yy", "zzz"] + sentence[4:]
+    P = model.config.projection_dim
+    with torch.no_grad():
+        base = model(inputs_for(model, [sentence]))["activations"]
+        after = model(inputs_for(model, [later]))["activations"]
+        before = model(inputs_for(model, [earlier]))["activations"]
+    for k in range(1, len(base)):
+        assert torch.equal(base[k][0, : t + 1, :P], after[k][0, : t + 1, :P]), f"forward layer {k} saw the future"
+        assert not torch.equal(base[k][0, t + 1:, :P], after[k][0, t + 1:, :P])   # the test can fail
+        assert torch.equal(base[k][0, t:, P:], before[k][0, t:, P:]), f"backward layer {k} saw the past"
+        assert not torch.equal(base[k][0, :t, P:], before[k][0, :t, P:])
+
+
+@pytest.mark.parametrize("encoder", ["char", "word"])
+def test_lm_loss_cannot_see_the_word_it_predicts(encoder):
+    """Catches leakage through the LM head: the forward and backward log-likelihood of word k (targets
+    masked to that one word) must not change when the *input* at position k is replaced by another word."""
+    model = tiny_model(token_encoder=encoder)
+    sentence = ["w%d" % i for i in range(7)]
+    for k in range(len(sentence)):
+        targets = torch.zeros(1, len(sentence) + 2, dtype=torch.long)
+        targets[0, k + 1] = 7                                  # only word k is predicted (position k+1)
+        swapped = sentence[:k] + ["SOMETHING-ELSE"] + sentence[k + 1:]
+        with torch.no_grad():
+            f1, b1, n1 = model.lm_nll(inputs_for(model, [sentence]), targets)
+            f2, b2, n2 = model.lm_nll(inputs_for(model, [swapped]), targets)
+        assert n1 == n2 == 1
+        assert torch.equal(f1, f2) and torch.equal(b1, b2), f"word {k} leaked into its own prediction"
+    # and the check has teeth: changing the word *before* k moves the forward prediction of k
+    with torch.no_grad():
+        f3, _, _ = model.lm_nll(inputs_for(model, [sentence[:-2] + ["qqq", sentence[-1]]]), targets)
+    assert not torch.equal(f1, f3)
+
+
+@pytest.mark.parametrize("encoder", ["char", "word"])
+def test_lm_loss_is_the_same_alone_and_in_a_padded_batch(encoder):
+    """Catches padding leakage through the LM loss: each direction's summed NLL (and the prediction count)
+    of a padded batch must equal the sum over its sentences run alone. (A backward mask built from the
+    targets once scored a prediction of </S> from the padding after it.)"""
+    model = tiny_model(token_encoder=encoder)
+    torch.manual_seed(1)
+    targets = torch.zeros(len(SENTENCES), max(map(len, SENTENCES)) + 2, dtype=torch.long)
+    for b, s in enumerate(SENTENCES):
+        targets[b, : len(s) + 2] = torch.cat([torch.tensor([1]), torch.randint(4, 40, (len(s),)), torch.tensor([2])])
+    with torch.no_grad():
+        f, b, n = model.lm_nll(inputs_for(model, SENTENCES), targets)
+        alone = [model.lm_nll(inputs_for(model, [s]), targets[i: i + 1, : len(s) + 2])
+                 for i, s in enumerate(SENTENCES)]
+    assert n == sum(len(s) + 1 for s in SENTENCES) == sum(a[2] for a in alone)
+    assert torch.allclose(f, sum(a[0] for a in alone), atol=1e-4)
+    assert torch.allclose(b, sum(a[1] for a in alone), atol=1e-4)
+
+
+def test_reference_and_fused_lstm_agree():
+    """Catches divergence between the readable cell and nn.LSTM (gate order, bias, projection) with
+    clipping off, forward and backward, outputs and gradients."""
+    model = tiny_model(dropout=0.0)
+    ids = batch_to_ids(SENTENCES)
+    outs, grads = {}, {}
+    for impl in ("reference", "fused"):
+        model.impl = impl
+        model.zero_grad()
+        out = model(ids)["activations"]
+        sum(h.square().sum() for h in out).backward()
+        outs[impl] = out
+        grads[impl] = model.forward_lstm.layers[0].lstm.weight_hh_l0.grad.clone()
+    for a, b in zip(outs["reference"], outs["fused"]):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(grads["reference"], grads["fused"], atol=1e-4)
+
+
+def test_fused_refuses_clipping():
+    """Catches a silent fallback: nn.LSTM cannot clip, so asking for the fused path with clipping errors."""
+    model = tiny_model(cell_clip=3.0)
+    assert model.lstm_impl == "reference"
+    model.impl = "fused"
+    with pytest.raises(ValueError, match="cannot clip"):
+        model(batch_to_ids(SENTENCES))
+
+
+def test_unique_token_cnn_equals_per_token():
+    """Catches bugs in the character-CNN speedups (distinct tokens only, trimmed character positions):
+    they must give exactly what the plain per-token CNN gives, padding rows included."""
+    model = tiny_model()
+    ids = batch_to_ids(SENTENCES + [["x" * 60, "repeated", "repeated"]])
+    with torch.no_grad():
+        fast = model.token_encoder(ids, unique=True)
+        slow = model.token_encoder(ids, unique=False)
+    assert torch.allclose(fast, slow, atol=1e-6)
+
+
+def test_reverse_within_length():
+    """Catches a backward direction that reverses the padding into the sentence."""
+    x = torch.arange(1, 6).float().view(1, 5, 1).repeat(2, 1, 1)
+    out = reverse_within_length(x, torch.tensor([3, 5]))
+    assert out[0, :, 0].tolist() == [3, 2, 1, 4, 5]
+    assert out[1, :, 0].tolist() == [5, 4, 3, 2, 1]
+    assert torch.equal(reverse_within_length(out, torch.tensor([3, 5])), x)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scalar mix
+# ---------------------------------------------------------------------------------------------------------
+def test_scalar_mix_is_a_softmax_weighted_sum():
+    """Catches an un-normalised mix (weights must go through a softmax and sum to one) or a missing gamma."""
+    mix = ScalarMix(3)
+    with torch.no_grad():
+        mix.weights.copy_(torch.tensor([0.3, -1.0, 2.0]))
+        mix.gamma.fill_(1.7)
+    layers = [torch.randn(2, 4, 6) for _ in range(3)]
+    s = torch.softmax(mix.weights, 0)
+    assert torch.isclose(s.sum(), torch.tensor(1.0))
+    expected = 1.7 * (s[0] * layers[0] + s[1] * layers[1] + s[2] * layers[2])
+    assert torch.allclose(mix(layers), expected, atol=1e-6)
+
+
+def test_scalar_mix_layer_norm_ignores_padding():
+    """Catches layer-norm statistics that include padding: changing padded values must not change the
+    output at real positions."""
+    mix = ScalarMix(2, layer_norm=True)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    layers = [torch.randn(2, 3, 4) for _ in range(2)]
+    noisy = [h.clone() for h in layers]
+    for h in noisy:
+        h[~mask] = 1000.0
+    assert torch.allclose(mix(layers, mask)[mask], mix(noisy, mask)[mask], atol=1e-5)
+    assert not torch.allclose(mix(layers, mask)[mask], mix(noisy, torch.ones_like(mask))[mask], atol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sizes, checkpoints, learning
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset,published", [("small", 13.6e6), ("original", 93.6e6)])
+def test_parameter_counts_match_allennlp(preset, published):
+    """Catches architecture drift from the published models (filters, highway, projection, LSTM sizes)."""
+    model = BiLM(ELMoConfig(**PRESETS[preset], vocab_size=0))
+    n = count_parameters(model)["bilm"]
+    assert abs(n - published) / published < 0.005, n
+
+
+def test_checkpoint_round_trip_weights_only(tmp_path):
+    """Catches checkpoints that need pickle (weights_only=True must load them) or that lose the config."""
+    from dataclasses import asdict
+    from elmo import CHECKPOINT_FORMAT
+    model = tiny_model()
+    path = str(tmp_path / "m.pt")
+    atomic_save({"format": CHECKPOINT_FORMAT, "kind": "bilm", "config": asdict(model.config),
+                 "vocab": data.SPECIALS, "model": model.state_dict(), "step": 0, "args": {}}, path)
+    torch.load(path, weights_only=True)
+    loaded = load_elmo(path)
+    assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+    ids = batch_to_ids(SENTENCES)
+    with torch.no_grad():
+        for a, b in zip(model(ids)["activations"], loaded(ids)["activations"]):
+            assert torch.equal(a, b)
+    with pytest.raises(UserError, match="expected sst"):
+        load_checkpoint(path, "sst")
+
+
+def synthetic_corpus(n, seed):
+    """Sentences with structure: each starts at a random word and counts up (mod 20), length 4-10."""
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(20)]
+    out = []
+    for _ in range(n):
+        start, length = rng.randrange(20), rng.randint(4, 10)
+        out.append([words[(start + i) % 20] for i in range(length)])
+    return out
+
+
+def test_tiny_lm_learns_structure():
+    """Catches an LM that does not learn (broken targets, shifted the wrong way, loss not propagated):
+    a few hundred steps on a structured corpus must get far below its unigram perplexity."""
+    torch.manual_seed(0)
+    sentences = synthetic_corpus(400, seed=0)
+    vocab = data.build_vocab(sentences, 100)
+    corpus = data.Corpus(sentences, vocab)
+    # unigram perplexity of the same predictions (words and </S>), from the training counts
+    counts = torch.bincount(torch.cat([corpus.type_vocab[corpus.tokens.long()],
+                                       torch.full((len(corpus),), 2)]), minlength=len(vocab)).float()
+    p = counts / counts.sum()
+    unigram_ppl = math.exp(-(counts * torch.log(p.clamp(min=1e-12))).sum() / counts.sum())
+    model = BiLM(ELMoConfig(**{**PRESETS["tiny"], "vocab_size": len(vocab), "dropout": 0.0}))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(200):
+        batch = data.bucket_batches(corpus.lengths, 400, seed=step)[0]
+        nll_f, nll_b, n = model.lm_nll(*corpus.batch(batch, True))
+        loss = (nll_f + nll_b) / (2 * n)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    valid = data.Corpus(synthetic_corpus(100, seed=1), vocab)
+    with torch.no_grad():
+        nll_f, nll_b, n = model.lm_nll(*valid.batch(list(range(len(valid))), True))
+    ppl_f, ppl_b = math.exp(nll_f / n), math.exp(nll_b / n)
+    assert unigram_ppl > 15
+    assert ppl_f < unigram_ppl / 4 and ppl_b < unigram_ppl / 4, (ppl_f, ppl_b, unigram_ppl)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train_lm.py end to end, as a user runs it
+# ---------------------------------------------------------------------------------------------------------
+def run_script(script, *args, env=None, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=HERE, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lm")
+    (d / "train.txt").write_text("\n".join(" ".join(s) for s in synthetic_corpus(300, 0)) + "\n")
+    (d / "valid.txt").write_text("\n".join(" ".join(s) for s in synthetic_corpus(50, 1)) + "\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_files):
+    """A tiny biLM trained by train_lm.py as a subprocess (used by several tests)."""
+    out = tiny_files / "lm.pt"
+    r = run_script("train_lm.py", "--preset", "tiny", "--train-file", tiny_files / "train.txt",
+                   "--valid-file", tiny_files / "valid.txt", "--max-steps", 60, "--batch-tokens", 300,
+                   "--lr", 1e-2, "--out", out, "--metrics-json", tiny_files / "train_metrics.json",
+                   "--threads", 1)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_train_lm_end_to_end_then_eval_only(tiny_files, tiny_lm):
+    """Catches a broken script path: train -> best/last checkpoints (weights_only) -> --eval-only gives
+    the same perplexity as the end of training, and the model learned something."""
+    ckpt = torch.load(tiny_lm, weights_only=True)
+    assert ckpt["kind"] == "bilm" and ckpt["step"] == 60 and ckpt["vocab"][:4] == data.SPECIALS
+    assert os.path.exists(str(tiny_lm).replace(".pt", ".last.pt"))
+    metrics = tiny_files / "eval.json"
+    r = run_script("train_lm.py", "--eval-only", "--ckpt", tiny_lm, "--valid-file", tiny_files / "valid.txt",
+                   "--metrics-json", metrics)
+    assert r.returncode == 0, r.stderr
+    m, m_train = json.loads(metrics.read_text()), json.loads((tiny_files / "train_metrics.json").read_text())
+    assert set(m) >= {"ppl_forward", "ppl_backward", "ppl", "tokens"}
+    assert m["tokens"] == sum(len(s) + 1 for s in synthetic_corpus(50, 1))
+    assert math.isclose(m["ppl"], m_train["ppl"], rel_tol=1e-4)
+    assert m["ppl_forward"] < 15   # unigram perplexity of this corpus is ~21
+
+
+def test_hub_offline_fails_fast_naming_local_flags():
+    """Catches a hub path that hangs or dies with a traceback when there is no network."""
+    r = run_script("train_lm.py", "--preset", "tiny", env={"HF_HUB_OFFLINE": "1"}, timeout=60)
+    assert r.returncode == 2
+    assert "--train-file" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Robustness: user errors are one line + exit 2 + nothing written; interruption loses nothing
+# ---------------------------------------------------------------------------------------------------------
+def assert_user_error(r, *needles):
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def bad_inputs(d, tiny_lm):
+    """(name, how to make the bad input, argv, words the message must contain) for every script."""
+    d.joinpath("empty.txt").write_text("\n\n  \n")
+    d.joinpath("binary.txt").write_bytes(b"hello\n\x00\x01\x02\xff garbage\n")
+    d.joinpath("latin1.txt").write_bytes("ok line\ncaf\xe9 au lait\n".encode("latin-1"))
+    d.joinpath("notpt.pt").write_text("this is not a checkpoint")
+    full = tiny_lm.read_bytes()
+    d.joinpath("truncated.pt").write_bytes(full[: len(full) // 2])
+    d.joinpath("adir").mkdir(exist_ok=True)
+    good = str(d / "good.txt")
+    d.joinpath("good.txt").write_text("the cat sat\nthe dog ran\n")
+    lm = ["train_lm.py", "--preset", "tiny", "--max-steps", "2", "--out", str(d / "out.pt")]
+    ok = str(d / "ok.tsv")
+    d.joinpath("ok.tsv").write_text("sentence\tlabel\na fine film\t1\nawful\t0\n")
+    d.joinpath("nolabel.tsv").write_text("sentence\tscore\na fine film\t1\n")
+    d.joinpath("badlabel.tsv").write_text("sentence\tlabel\na fine film\t1\nawful\t7\n")
+    d.joinpath("badnli.tsv").write_text("premise\thypothesis\tlabel\na\tb\tneutral\nc\td\tmaybe\n")
+    d.joinpath("nohyp.tsv").write_text("premise\tlabel\na\tneutral\n")
+    from elmo import CHECKPOINT_FORMAT
+    torch.save({"format": CHECKPOINT_FORMAT, "kind": "sst", "model": {}}, d / "classifier.pt")
+    torch.save({"format": "elmo-pytorch/0", "kind": "bilm"}, d / "oldformat.pt")
+    sst = ["train_sst.py", "--elmo", str(tiny_lm), "--max-steps", "2", "--out", str(d / "out.pt")]
+    nli = ["train_mnli.py", "--elmo", "none", "--max-steps", "2", "--out", str(d / "out.pt")]
+    return [
+        ("sst: missing label column", sst + ["--train-file", str(d / "nolabel.tsv"), "--dev-file", ok],
+         ["nolabel.tsv", "label"]),
+        ("sst: label outside the task", sst + ["--train-file", ok, "--dev-file", str(d / "badlabel.tsv")],
+         ["badlabel.tsv:3", "'7'"]),
+        ("sst: classifier passed as --elmo", ["train_sst.py", "--elmo", str(d / "classifier.pt"),
+                                              "--train-file", ok, "--dev-file", ok], ["'sst'", "bilm"]),
+        ("sst: LM passed to --eval-only", ["train_sst.py", "--eval-only", "--ckpt", str(tiny_lm), "--test-file",
+                                           str(d / "badlabel.tsv")], ["'bilm'", "expected sst"]),
+        ("sst: old checkpoint format", ["train_sst.py", "--elmo", str(d / "oldformat.pt"), "--train-file", ok,
+                                        "--dev-file", ok], ["format"]),
+        ("sst: --elmo missing", ["train_sst.py", "--elmo", str(d / "nope.pt"), "--train-file", ok,
+                                 "--dev-file", ok], ["not found"]),
+        ("sst: offline hub", sst, ["--train-file"]),
+        ("mnli: bad label", nli + ["--train-file", str(d / "badnli.tsv"), "--dev-file", str(d / "badnli.tsv")],
+         ["badnli.tsv:3", "'maybe'"]),
+        ("mnli: missing column", nli + ["--train-file", str(d / "nohyp.tsv")], ["hypothesis"]),
+        ("mnli: offline hub", nli, ["--train-file"]),
+        ("mnli: bad --predict", ["train_mnli.py", "--ckpt", str(d / "classifier.pt"), "--predict", "x"],
+         ["'sst'"]),
+        ("missing file", lm + ["--train-file", str(d / "nope.txt")], ["not found", "nope.txt"]),
+        ("directory", lm + ["--train-file", str(d / "adir")], ["directory"]),
+        ("empty corpus", lm + ["--train-file", str(d / "empty.txt")], ["no usable text"]),
+        ("binary file", lm + ["--train-file", str(d / "binary.txt")], ["binary.txt:2", "not a text file"]),
+        ("not utf-8", lm + ["--train-file", str(d / "latin1.txt")], ["latin1.txt:2", "--encoding",
+                                                                       "--skip-bad-lines"]),
+        ("unknown flag", lm + ["--train-file", good, "--max-stepz", "3"], ["--max-stepz"]),
+        ("negative budget", lm + ["--train-file", good, "--max-minutes", "-1"], ["--max-minutes"]),
+        ("resume without checkpoint", lm + ["--train-file", good, "--resume"], ["--resume", "out.last.pt"]),
+        ("cuda without cuda", lm + ["--train-file", good, "--device", "cuda"], ["available: cpu"]),
+        ("offline hub", lm, ["--train-file"]),
+        ("ckpt not a pytorch file", ["train_lm.py", "--eval-only", "--ckpt", str(d / "notpt.pt"),
+                                     "--valid-file", good], ["notpt.pt", "not a readable"]),
+        ("ckpt truncated", ["train_lm.py", "--eval-only", "--ckpt", str(d / "truncated.pt"),
+                            "--valid-file", good], ["truncated.pt"]),
+        ("ckpt missing", ["train_lm.py", "--eval-only", "--ckpt", str(d / "none.pt"), "--valid-file", good],
+         ["not found"]),
+        ("eval-only without data", ["train_lm.py", "--eval-only", "--ckpt", str(tiny_lm)], ["--valid-file"]),
+    ]
+
+
+def test_user_errors_are_one_line_exit_2_and_write_nothing(tmp_path, tiny_lm):
+    """Catches tracebacks, wrong exit codes, silent acceptance of bad input and half-written outputs,
+    for every bad input of the table (run as subprocesses, as a user would)."""
+    if not torch.cuda.is_available():
+        pass  # the "cuda without cuda" row is meaningful on this machine
+    failures = []
+    for name, argv, needles in bad_inputs(tmp_path, tiny_lm):
+        if name == "cuda without cuda" and torch.cuda.is_available():
+            continue
+        before = set(os.listdir(tmp_path))
+        r = run_script(*argv, env={"HF_HUB_OFFLINE": "1"}, timeout=120)
+        try:
+            assert_user_error(r, *needles)
+            assert set(os.listdir(tmp_path)) == before, "an output file was left behind"
+        except AssertionError as e:
+            failures.append(f"{name}: {e}")
+    assert not failures, "\n".join(failures)
+
+
+def test_skip_bad_lines_counts_and_continues(tmp_path):
+    """Catches --skip-bad-lines that fails anyway or skips silently."""
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(("the cat sat\n" * 20 + "caf\xe9\n").encode("latin-1"))
+    r = run_script("train_lm.py", "--preset", "tiny", "--train-file", bad, "--valid-file", bad,
+                   "--skip-bad-lines", "--max-steps", 2, "--out", tmp_path / "o.pt")
+    assert r.returncode == 0, r.stderr
+    assert "skipped 1 undecodable lines" in r.stdout
+
+
+def test_long_tokens_and_sentences_are_truncated_not_errors(tmp_path):
+    """Catches crashes on very long tokens (cut to 50 characters) and lines (split at --max-length)."""
+    f = tmp_path / "long.txt"
+    f.write_text(("x" * 500 + " ") * 3 + "\n" + " ".join(["w"] * 250) + "\n")
+    r = run_script("train_lm.py", "--preset", "tiny", "--train-file", f, "--valid-file", f, "--max-steps", 2,
+                   "--max-length", 100, "--out", tmp_path / "o.pt")
+    assert r.returncode == 0, r.stderr
+    assert "split 1 sentences longer than --max-length 100" in r.stdout
+    assert batch_to_ids([["x" * 500]]).shape == (1, 1, 50)
+
+
+class _Evil:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_malicious_checkpoint_runs_no_code(tmp_path):
+    """Catches torch.load without weights_only: a crafted checkpoint that would create a file on load
+    must be refused with a one-line error, and the file must not exist."""
+    target = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "elmo-pytorch/1", "kind": "bilm", "payload": _Evil(str(target))}, evil)
+    with pytest.raises(UserError, match="pickled"):
+        load_checkpoint(str(evil))
+    r = run_script("train_lm.py", "--eval-only", "--ckpt", evil, "--valid-file", evil)
+    assert_user_error(r, "refusing")
+    assert not target.exists()
+
+
+@pytest.mark.slow
+def test_kill_during_save_leaves_loadable_checkpoint(tmp_path):
+    """Catches non-atomic checkpoint writes: SIGKILL at a random instant of a save loop must leave the
+    previous checkpoint loadable."""
+    path = tmp_path / "ck.pt"
+    code = (f"import torch, sys; sys.path.insert(0, {HERE!r}); from elmo import atomic_save\n"
+            f"i = 0\nwhile True:\n"
+            f"    atomic_save({{'format': 'elmo-pytorch/1', 'kind': 'bilm', 'i': i, "
+            f"'w': torch.full((400000,), float(i))}}, {str(path)!r}); i += 1\n")
+    for delay in (0.4, 0.7, 1.1):
+        p = subprocess.Popen([sys.executable, "-c", code])
+        try:
+            import time
+            time.sleep(delay)
+            while not path.exists():
+                time.sleep(0.05)
+            time.sleep(delay / 3)
+        finally:
+            p.kill()
+            p.wait()
+        ckpt = load_checkpoint(str(path), "bilm")
+        assert torch.all(ckpt["w"] == float(ckpt["i"]))
+
+
+def _wait_for(proc, text, timeout=120):
+    import time
+    start, seen = time.time(), ""
+    while time.time() - start < timeout:
+        line = proc.stdout.readline()
+        seen += line
+        if text in line:
+            return seen
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError(f"never saw {text!r}:\n{seen}")
+
+
+@pytest.mark.slow
+def test_sigint_then_resume_equals_uninterrupted(tiny_files, tmp_path):
+    """Catches resume bugs (optimizer state, step counter, data position, RNG for dropout, lr schedule):
+    a run stopped by SIGINT and resumed ends with the same parameters as an uninterrupted run."""
+    import signal
+    common = ["--preset", "tiny", "--train-file", tiny_files / "train.txt", "--valid-file",
+              tiny_files / "valid.txt", "--max-steps", 24, "--batch-tokens", 300, "--threads", 1,
+              "--log-every", 1, "--dropout", 0.3, "--seed", 3]
+    r = run_script("train_lm.py", *common, "--out", tmp_path / "full.pt")
+    assert r.returncode == 0, r.stderr
+    argv = [sys.executable, os.path.join(HERE, "train_lm.py"), *map(str, common), "--out", str(tmp_path / "cut.pt")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    _wait_for(proc, "step      9 ")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "--resume" in out
+    stopped = torch.load(tmp_path / "cut.last.pt", weights_only=True)["step"]
+    assert 9 <= stopped < 24
+    r = run_script("train_lm.py", *common, "--out", tmp_path / "cut.pt", "--resume")
+    assert r.returncode == 0, r.stderr
+    full = torch.load(tmp_path / "full.last.pt", weights_only=True)
+    cut = torch.load(tmp_path / "cut.last.pt", weights_only=True)
+    assert full["step"] == cut["step"] == 24
+    for k, v in full["model"].items():
+        assert torch.allclose(v, cut["model"][k], atol=1e-6, rtol=0), k
+
+
+def test_nan_loss_stops_without_overwriting(tiny_files, tmp_path):
+    """Catches a run that writes NaN weights over the last good checkpoint when the loss blows up."""
+    r = run_script("train_lm.py", "--preset", "tiny", "--train-file", tiny_files / "train.txt",
+                   "--valid-file", tiny_files / "valid.txt", "--optimizer", "sgd", "--lr", 1e12,
+                   "--clip-norm", 0, "--batch-tokens", 300, "--eval-every", 1, "--max-steps", 50,
+                   "--out", tmp_path / "nan.pt")
+    assert r.returncode == 3, r.stderr
+    assert "Traceback" not in r.stderr and "at step" in r.stderr and "Last good checkpoint" in r.stderr
+    last = tmp_path / "nan.last.pt"
+    if last.exists():
+        for v in torch.load(last, weights_only=True)["model"].values():
+            assert torch.isfinite(v).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Downstream: SST and MultiNLI on the frozen biLM
+# ---------------------------------------------------------------------------------------------------------
+TREE = "(3 (2 (2 The) (2 film)) (4 (3 (2 is) (4 great)) (2 -LRB-sort-of-RRB-)))"
+
+
+def test_tree_reader_root_label_and_subtrees():
+    """Catches tree-reader bugs: the root label is the sentence label, every node is a labelled phrase
+    (2n - 1 nodes for n leaves in a binary tree), leaves are the tokens in order."""
+    root, tokens, subtrees = data.parse_tree(TREE)
+    assert root == 3 and tokens == ["The", "film", "is", "great", "-LRB-sort-of-RRB-"]
+    assert len(subtrees) == 2 * len(tokens) - 1 and subtrees[0] == (3, tokens)
+    assert (4, ["is", "great"]) in subtrees and (2, ["The", "film"]) in subtrees
+    assert data.parse_tree("(1 (2 -LRB-) (0 bad))")[1] == ["(", "bad"]
+    with pytest.raises(ValueError):
+        data.parse_tree("(3 (2 unclosed)")
+
+
+def test_sst_tree_files_binarise_and_phrases(tmp_path):
+    """Catches SST-2-from-trees mistakes (neutral roots must be dropped, 0-1 -> negative, 3-4 -> positive)
+    and --phrases that keeps duplicate phrases or the root only."""
+    import train_sst
+    f = tmp_path / "trees.txt"
+    f.write_text(TREE + "\n(2 (2 so) (2 so))\n(0 (1 awful) (0 (2 stuff) (0 .)))\n")
+    args = train_sst.parse_args(["--elmo", "none", "--max-length", "100"])
+    assert [y for _, y in train_sst.read_examples(str(f), "sst5", args)] == [3, 2, 0]
+    assert [y for _, y in train_sst.read_examples(str(f), "sst2", args)] == [1, 0]
+    phrases = train_sst.read_examples(str(f), "sst5", args, phrases=True)
+    assert len(phrases) == 9 + 2 + 5 - 1     # (["so"], 2) occurs twice in one tree: kept once
+
+
+def test_mnli_label_mapping():
+    """Catches label-order bugs between names and GLUE's integer labels, and unlabeled rows kept."""
+    import train_mnli
+    assert [train_mnli.parse_label(x) for x in ["entailment", "neutral", "contradiction"]] == [0, 1, 2]
+    assert [train_mnli.parse_label(x) for x in ["0", "1", "2", " Neutral "]] == [0, 1, 2, 1]
+    assert train_mnli.parse_label("-1") == -1 and train_mnli.parse_label("-") == -1
+    assert train_mnli.parse_label("maybe") is None and train_mnli.parse_label("3") is None
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory):
+    """Tiny SST-2 and MNLI files where the label is readable from the words."""
+    d = tmp_path_factory.mktemp("tasks")
+    rng = random.Random(0)
+    good, bad = ["good", "great", "fine", "lovely"], ["bad", "awful", "poor", "dull"]
+    rows = ["sentence\tlabel"]
+    for _ in range(120):
+        y = rng.randrange(2)
+        words = [rng.choice(good if y else bad)] + rng.sample(["the", "film", "was", "a", "plot"], 3)
+        rng.shuffle(words)
+        rows.append(" ".join(words) + f"\t{y}")
+    (d / "sst.tsv").write_text("\n".join(rows) + "\n")
+    rows = ["premise\thypothesis\tlabel\tgenre"]
+    for i in range(120):
+        y = i % 3
+        p = rng.choice(["a man sleeps", "the dog runs", "kids play"])
+        h = [p, "something " + p, "nobody " + p][y]
+        rows.append(f"{p}\t{h}\t{['entailment', '1', 'contradiction'][y]}\t{['fiction', 'travel'][i % 2]}")
+    rows.append("a\tb\t-1\tfiction")
+    (d / "mnli.tsv").write_text("\n".join(rows) + "\n")
+    return d
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,data_file", [("train_sst.py", "sst.tsv"), ("train_mnli.py", "mnli.tsv")])
+def test_downstream_end_to_end_and_frozen_bilm(tiny_lm, task_files, tmp_path, script, data_file):
+    """Catches a broken downstream path (LM checkpoint -> classifier -> eval-only -> predict) and a biLM
+    that changes during downstream training (it must stay bit-identical)."""
+    f, out = task_files / data_file, tmp_path / "clf.pt"
+    r = run_script(script, "--elmo", tiny_lm, "--train-file", f, "--dev-file", f, "--epochs", 3,
+                   "--hidden", 32, "--out", out, "--threads", 1, "--log-every", 5)
+    assert r.returncode == 0, r.stderr
+    clf = torch.load(out, weights_only=True)
+    lm = torch.load(tiny_lm, weights_only=True)
+    assert clf["bilm"].keys() == {k for k in lm["model"] if not k.startswith("head.")}
+    for k, v in clf["bilm"].items():
+        assert torch.equal(v, lm["model"][k]), k
+    metrics = tmp_path / "m.json"
+    r = run_script(script, "--eval-only", "--ckpt", out, "--test-file", f, "--metrics-json", metrics)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(metrics.read_text())
+    assert m["n"] == 120 and m["accuracy"] > 0.5
+    if script == "train_mnli.py":
+        assert set(m["genres"]) == {"fiction", "travel"}
+    text = "the film was great" if script == "train_sst.py" else "the dog runs ||| nobody the dog runs"
+    r = run_script(script, "--ckpt", out, "--predict", text)
+    assert r.returncode == 0, r.stderr
+    probs = [float(x.split("=")[1]) for x in r.stdout.split("\t")[1].split()]
+    assert abs(sum(probs) - 1) < 1e-2
+
+
+def test_cache_gives_the_same_logits(tiny_lm):
+    """Catches a feature cache that changes results (wrong sentence, lost boundaries, padding mix-up):
+    logits with the cache (first and later passes) equal logits without it."""
+    import train_sst
+    bilm = load_elmo(str(tiny_lm))
+    bilm.head, bilm.config.vocab_size = None, 0
+    spec = {"bilm_config": __import__("dataclasses").asdict(bilm.config), "word_vocab": None, "word_dim": 8,
+            "layer_norm": True, "elmo_dropout": 0.0, "labels": ["a", "b"], "encoder": "bilstm", "hidden": 8,
+            "pooling": "max+mean", "dropout": 0.0}
+    torch.manual_seed(0)
+    cached = train_sst.build_model(spec, bilm.state_dict(), cache=True).eval()
+    plain = train_sst.build_model(spec, bilm.state_dict(), cache=False).eval()
+    plain.load_state_dict(cached.state_dict())
+    with torch.no_grad():
+        expected = plain(SENTENCES)
+        first = cached(SENTENCES)
+        again = cached(list(reversed(SENTENCES)))
+    assert len(cached.features.cache) == len(SENTENCES)
+    assert torch.allclose(first, expected, atol=1e-5)
+    assert torch.allclose(again, expected.flip(0), atol=1e-5)

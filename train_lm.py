@@ -1,0 +1,408 @@
+"""Pretrain the ELMo biLM: a forward and a backward LSTM language model over a character-CNN token encoder.
+
+Reads plain text, one sentence per line (--train-file / --valid-file), or a Hugging Face data set by name
+(default: Salesforce/wikitext, wikitext-103-raw-v1). Writes a self-describing checkpoint `--out` (the best
+validation perplexity so far, default lm.pt) and `<out>.last.pt` (the latest state, for --resume); both load
+with torch.load(weights_only=True), and downstream scripts rebuild the model from them (`--elmo lm.pt`).
+
+  # CPU smoke run, under a minute
+  python train_lm.py --preset tiny --train-file ../shared/data/ptb/ptb.train.txt \\
+      --valid-file ../shared/data/ptb/ptb.valid.txt --max-steps 50 --out /tmp/tiny.pt
+  # the measured 15-minute CPU run (README), or a real GPU run
+  python train_lm.py --preset cpu --train-file ../shared/data/ptb/ptb.train.txt \\
+      --valid-file ../shared/data/ptb/ptb.valid.txt --max-minutes 15 --out ptb.pt
+  python train_lm.py --device cuda --preset small --epochs 10 --out lm.pt
+  # resume an interrupted run (Ctrl-C writes <out>.last.pt), or evaluate a checkpoint
+  python train_lm.py --resume --out ptb.pt --train-file ... --valid-file ...
+  python train_lm.py --eval-only --ckpt ptb.pt --valid-file ../shared/data/ptb/ptb.valid.txt
+
+Perplexity: exp(mean negative log-likelihood per prediction); each sentence gives one prediction per token
+plus </S> (forward) or <S> (backward), the word-level convention, so PTB numbers compare with the literature.
+"ppl" is exp of the mean of both directions' losses (the training loss, paper eq. 3).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+
+import data
+from data import UserError
+from elmo import (CHECKPOINT_FORMAT, PRESETS, ArgumentParser, BiLM, ELMoConfig, atomic_save, bilm_from_checkpoint,
+                  count_parameters, fmt_time, last_path, load_checkpoint, pick_device, run_main, write_metrics)
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(__doc__)
+    g = p.add_argument_group("model (stored in the checkpoint; ignored with --resume)")
+    g.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="architecture sizes")
+    g.add_argument("--token-encoder", choices=["char", "word"], help="character CNN (ELMo) or word "
+                   "embeddings; default: char")
+    g.add_argument("--lstm-dim", type=int, help="LSTM cell D (paper: 4096); default: the preset's")
+    g.add_argument("--projection-dim", type=int, help="LSTM output P (paper: 512); default: the preset's")
+    g.add_argument("--n-layers", type=int, help="LSTM layers per direction (paper: 2)")
+    g.add_argument("--cell-clip", type=float, help="clip memory cells to +-this (paper: 3.0; 0 = off, "
+                   "which allows the fused nn.LSTM path); default: the preset's (0)")
+    g.add_argument("--proj-clip", type=float, help="clip LSTM outputs to +-this (paper: 3.0; 0 = off)")
+    g.add_argument("--dropout", type=float, help="dropout on LSTM inputs and before the softmax "
+                   "(paper: 0.1); default: the preset's (0.1)")
+    g.add_argument("--softmax", choices=["full", "adaptive"], help="'adaptive' is cheaper for large "
+                   "vocabularies and still exactly normalised; default: the preset's")
+    g.add_argument("--vocab-size", type=int, default=50000, help="LM vocabulary: most frequent training "
+                   "words, specials included (paper: 793,471)")
+    g.add_argument("--glove", help="word encoder only: initialise word vectors from a GloVe-format text "
+                   "file ('word v1 v2 ...' per line)")
+    g = p.add_argument_group("data")
+    g.add_argument("--train-file", nargs="+", help="text file(s), one sentence per line")
+    g.add_argument("--valid-file", nargs="+", help="validation text file(s)")
+    g.add_argument("--dataset", default="Salesforce/wikitext", help="hub data set used without --train-file")
+    g.add_argument("--dataset-config", default="wikitext-103-raw-v1", help="its configuration")
+    g.add_argument("--tokenizer", default="auto", choices=["auto", *data.TOKENIZERS], help="'whitespace' "
+                   "for tokenised text, 'regex' for raw; auto = whitespace for files, regex for the hub")
+    g.add_argument("--max-length", type=int, default=100, help="split sentences longer than this (tokens)")
+    g.add_argument("--encoding", default="utf-8", help="text encoding of the input files")
+    g.add_argument("--skip-bad-lines", action="store_true", help="skip lines that do not decode (counted)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", default="adam", choices=["adam", "adagrad", "sgd"],
+                   help="adam trains fastest in short budgets (README); the paper used adagrad, lr 0.2")
+    g.add_argument("--lr", type=float, help="learning rate; default adam 5e-3, adagrad 0.2, sgd 1.0")
+    g.add_argument("--lr-schedule", default="linear", choices=["linear", "constant"],
+                   help="linear: decay to 0 at the end of the budget (steps, minutes or epochs)")
+    g.add_argument("--batch-tokens", type=int, default=2000, help="padded tokens per batch (B x T)")
+    g.add_argument("--clip-norm", type=float, default=10.0, help="gradient norm clip (paper: 10)")
+    g.add_argument("--epochs", type=int, default=10, help="passes over the training data")
+    g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = no limit)")
+    g.add_argument("--max-minutes", type=float, default=0, help="stop after this much training time "
+                   "(0 = no limit; validation time counted)")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (auto: cuda > mps > cpu)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="autocast dtype; auto = bfloat16 on cuda, float32 elsewhere")
+    g.add_argument("--lstm-impl", default="auto", choices=["auto", "reference", "fused"],
+                   help="auto: fused nn.LSTM unless clipping is on")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    g.add_argument("--seed", type=int, default=1)
+    g.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
+    g.add_argument("--eval-every", type=int, default=0, help="steps between validations (0 = once an "
+                   "epoch, and at the end)")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--out", default="lm.pt", help="best checkpoint; the latest goes to <out>.last.pt")
+    g.add_argument("--resume", action="store_true", help="continue from <out>.last.pt")
+    g.add_argument("--eval-only", action="store_true", help="evaluate --ckpt on --valid-file and exit")
+    g.add_argument("--ckpt", help="checkpoint for --eval-only")
+    g.add_argument("--metrics-json", help="write the last evaluation here as JSON")
+    args = p.parse_args(argv)
+    for name in ("max_steps", "max_minutes", "epochs", "batch_tokens", "max_length", "log_every",
+                 "eval_every", "threads", "vocab_size"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must not be negative")
+    if args.lr is not None and not args.lr > 0:
+        raise UserError("--lr must be positive")
+    return args
+
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------------------
+def load_sentences(files, split, args, log):
+    """Local files, or the hub data set's split, -> list of token lists."""
+    if files:
+        tokenizer = "whitespace" if args.tokenizer == "auto" else args.tokenizer
+        return data.read_corpus(files, tokenizer, args.max_length, args.encoding, args.skip_bad_lines, log)
+    if not data.hub_reachable():
+        raise UserError(f"cannot reach the Hugging Face hub to load {args.dataset} (offline?); "
+                        f"use local files: --train-file FILE [FILE ...] --valid-file FILE")
+    tokenizer = "regex" if args.tokenizer == "auto" else args.tokenizer
+    sentences = []
+    for line in data.hub_lines(args.dataset, args.dataset_config, split):
+        sentences.extend(s for s in data.split_long(data.tokenize(line, tokenizer), args.max_length) if s)
+    if not sentences:
+        raise UserError(f"{args.dataset} split {split!r} has no text")
+    return sentences
+
+
+def read_glove(path, vocab, dim, log):
+    """GloVe text file -> (V, dim) tensor for the vocabulary words it covers (others stay random)."""
+    data.check_file(path, "--glove file")
+    stoi = {w: i for i, w in enumerate(vocab)}
+    vectors, found = {}, 0
+    for number, line in data.read_lines(path):
+        parts = line.rstrip().split(" ")
+        if len(parts) != dim + 1:
+            raise UserError(f"{path}:{number}: expected a word and {dim} numbers (--word-embed-dim of the "
+                            f"preset), found {len(parts) - 1} numbers")
+        if parts[0] in stoi:
+            vectors[stoi[parts[0]]] = torch.tensor([float(x) for x in parts[1:]])
+            found += 1
+    log(f"glove: {found:,} of {len(vocab):,} vocabulary words initialised from {path}")
+    return vectors
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluation
+# ---------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model, corpus, args, device, autocast):
+    model.eval()
+    nll_f = nll_b = 0.0
+    n = 0
+    for batch in data.bucket_batches(corpus.lengths, args.batch_tokens, seed=0, shuffle=False):
+        inputs, targets = corpus.batch(batch, model.config.token_encoder == "char")
+        with autocast():
+            f, b, count = model.lm_nll(inputs.to(device), targets.to(device))
+        nll_f, nll_b, n = nll_f + float(f), nll_b + float(b), n + count
+    model.train()
+    return {"ppl_forward": math.exp(nll_f / n), "ppl_backward": math.exp(nll_b / n),
+            "ppl": math.exp((nll_f + nll_b) / (2 * n)), "tokens": n}
+
+
+
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    log = lambda msg: print(msg, flush=True)   # noqa: E731
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    # ---- eval-only ----------------------------------------------------------------------------------
+    if args.eval_only:
+        if not args.ckpt or not args.valid_file:
+            raise UserError("--eval-only needs --ckpt PATH and --valid-file FILE")
+        ckpt = load_checkpoint(args.ckpt, "bilm")
+        model = bilm_from_checkpoint(ckpt, args.lstm_impl).to(device)
+        if args.tokenizer == "auto":
+            args.tokenizer = ckpt["args"].get("tokenizer", "auto")
+        valid = data.Corpus(load_sentences(args.valid_file, "validation", args, log), ckpt["vocab"])
+        metrics = evaluate(model, valid, args, device, autocast)
+        log(f"eval {args.ckpt} (step {ckpt['step']}) on {' '.join(args.valid_file)}: ppl forward "
+            f"{metrics['ppl_forward']:.2f} backward {metrics['ppl_backward']:.2f} mean {metrics['ppl']:.2f} "
+            f"| {metrics['tokens']:,} predictions per direction, {valid.n_unk:,} <unk>")
+        write_metrics(args.metrics_json, metrics)
+        return
+
+    # ---- checkpoint to resume -----------------------------------------------------------------------
+    resume = None
+    if args.resume:
+        if not os.path.exists(last_path(args.out)):
+            raise UserError(f"--resume: no checkpoint {last_path(args.out)} to resume from (run without "
+                            f"--resume first, with the same --out)")
+        resume = load_checkpoint(last_path(args.out), "bilm")
+    elif args.ckpt:
+        raise UserError("--ckpt is for --eval-only; to continue a run use --resume with the same --out")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise UserError(f"--out directory does not exist: {out_dir}")
+
+    # ---- data ---------------------------------------------------------------------------------------
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    train_sentences = load_sentences(args.train_file, "train", args, log)
+    valid_sentences = load_sentences(args.valid_file, "validation", args, log) \
+        if (args.valid_file or not args.train_file) else None
+    vocab = resume["vocab"] if resume else data.build_vocab(train_sentences, args.vocab_size)
+    train = data.Corpus(train_sentences, vocab)
+    valid = data.Corpus(valid_sentences, vocab) if valid_sentences else None
+    del train_sentences, valid_sentences
+    log(f"data: train {len(train):,} sentences {train.n_tokens:,} tokens ({train.n_unk:,} <unk>), "
+        + (f"valid {len(valid):,} sentences {valid.n_tokens:,} tokens ({valid.n_unk:,} <unk>), "
+           if valid else "no validation data, ")
+        + f"vocab {len(vocab):,}, {len(train.types):,} distinct training tokens, {time.time() - t0:.1f}s")
+
+    # ---- model --------------------------------------------------------------------------------------
+    if resume:
+        config = ELMoConfig.from_dict(resume["config"])
+    else:
+        overrides = {k: getattr(args, k) for k in ("token_encoder", "lstm_dim", "projection_dim", "n_layers",
+                     "cell_clip", "proj_clip", "dropout", "softmax") if getattr(args, k) is not None}
+        try:
+            config = ELMoConfig(**{**PRESETS[args.preset], **overrides, "vocab_size": len(vocab)}).validate()
+        except ValueError as e:
+            raise UserError(f"bad model settings: {e}") from None
+    if args.lstm_impl == "fused" and (config.cell_clip or config.proj_clip):
+        raise UserError("--lstm-impl fused cannot clip: set --cell-clip 0 --proj-clip 0, or use reference")
+    model = BiLM(config, impl=args.lstm_impl)
+    if args.glove and not resume:
+        if config.token_encoder != "word":
+            raise UserError("--glove needs --token-encoder word")
+        with torch.no_grad():
+            for i, v in read_glove(args.glove, vocab, config.word_embed_dim, log).items():
+                model.token_encoder.embed.weight[i] = v
+    model.to(device)
+    lr = args.lr or {"adam": 5e-3, "adagrad": 0.2, "sgd": 1.0}[args.optimizer]
+    if args.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+    elif args.optimizer == "adagrad":   # the original: initial accumulator 1.0
+        opt = torch.optim.Adagrad(model.parameters(), lr=lr, initial_accumulator_value=1.0)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+    step, epoch, batch_in_epoch, trained_s, best = 0, 0, 0, 0.0, float("inf")
+    if resume:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        step, epoch, batch_in_epoch = resume["step"], resume["epoch"], resume["batch_in_epoch"]
+        trained_s, best = resume["trained_seconds"], resume["best"]
+        torch.set_rng_state(resume["rng"]["torch"])
+        random.setstate(_to_tuple(resume["rng"]["python"]))
+        log(f"resumed from {last_path(args.out)}: step {step}, epoch {epoch + 1}, batch {batch_in_epoch}, "
+            f"best valid ppl {best:.2f}")
+    counts = count_parameters(model)
+    log(f"device {device} | dtype {str(dtype).replace('torch.', '')} | lstm {model.lstm_impl} | threads "
+        f"{torch.get_num_threads()} | parameters: biLM {counts['bilm']:,} (without softmax) + softmax "
+        f"{counts['softmax']:,}")
+    log("config " + json.dumps(asdict(config)))
+
+    def checkpoint(path):
+        atomic_save({
+            "format": CHECKPOINT_FORMAT, "kind": "bilm", "config": asdict(config), "vocab": vocab,
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch, "trained_seconds": trained_s, "best": best,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}, "args": vars(args),
+        }, path)
+
+    # ---- loop ---------------------------------------------------------------------------------------
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        if stop["signal"]:             # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        stop["signal"] = signal.Signals(signum).name
+        log(f"\n{stop['signal']}: finishing this step, then writing {last_path(args.out)}")
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    char_inputs = config.token_encoder == "char"
+    batches_per_epoch = len(data.bucket_batches(train.lengths, args.batch_tokens, args.seed))
+    total_steps = args.epochs * batches_per_epoch
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+    budget_s = args.max_minutes * 60
+
+    def progress():                    # fraction of the budget used: drives the lr schedule and the ETA
+        return max(step / max(total_steps, 1), trained_s / budget_s if budget_s else 0.0)
+
+    def set_lr():
+        scale = 1.0 if args.lr_schedule == "constant" else max(0.0, 1.0 - progress())
+        for group in opt.param_groups:
+            group["lr"] = lr * scale
+
+    def run_eval(tag):
+        nonlocal best
+        if valid is None:
+            return None
+        t = time.time()
+        metrics = evaluate(model, valid, args, device, autocast)
+        improved = metrics["ppl"] < best
+        if improved:
+            best = metrics["ppl"]
+        log(f"eval {tag} step {step} | valid ppl forward {metrics['ppl_forward']:.2f} backward "
+            f"{metrics['ppl_backward']:.2f} mean {metrics['ppl']:.2f} | {time.time() - t:.1f}s"
+            + (f" | best, saved {args.out}" if improved else f" | best {best:.2f}"))
+        return metrics, improved
+
+    log(f"training: {batches_per_epoch:,} batches per epoch, up to {total_steps:,} steps"
+        + (f" or {args.max_minutes:g} minutes" if budget_s else ""))
+    metrics, window = None, {"loss_f": 0.0, "loss_b": 0.0, "n": 0, "steps": 0, "t": time.time()}
+    model.train()
+    done = step >= total_steps or (budget_s and trained_s >= budget_s)
+    while not done and epoch < args.epochs:
+        batches = data.bucket_batches(train.lengths, args.batch_tokens, args.seed + epoch)
+        while batch_in_epoch < len(batches):
+            t_step = time.time()
+            inputs, targets = train.batch(batches[batch_in_epoch], char_inputs)
+            set_lr()
+            with autocast():
+                nll_f, nll_b, n = model.lm_nll(inputs.to(device), targets.to(device))
+            loss = (nll_f + nll_b) / (2 * n)
+            if not math.isfinite(loss.item()):
+                good = last_path(args.out) if os.path.exists(last_path(args.out)) else "none written yet"
+                print(f"error: loss is {float(loss)} at step {step + 1}; stopping without saving. Last good "
+                      f"checkpoint: {good}. Try a lower --lr.", file=sys.stderr)
+                sys.exit(3)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.clip_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_norm)
+            opt.step()
+            step += 1
+            batch_in_epoch += 1
+            trained_s += time.time() - t_step
+            window["loss_f"] += nll_f.item()
+            window["loss_b"] += nll_b.item()
+            window["n"] += n
+            window["steps"] += 1
+            if step % args.log_every == 0 or step == 1:
+                elapsed = time.time() - window["t"]
+                lf, lb = window["loss_f"] / window["n"], window["loss_b"] / window["n"]
+                eta = (trained_s / progress() - trained_s) if progress() > 0 else 0
+                log(f"step {step:6d} | epoch {epoch + 1} | loss {(lf + lb) / 2:.3f} | ppl fwd {math.exp(lf):7.1f} "
+                    f"bwd {math.exp(lb):7.1f} | lr {opt.param_groups[0]['lr']:.2e} | "
+                    f"{1000 * elapsed / window['steps']:.0f} ms/step | {window['n'] / elapsed:,.0f} tok/s | "
+                    f"ETA {fmt_time(eta)}")
+                window = {"loss_f": 0.0, "loss_b": 0.0, "n": 0, "steps": 0, "t": time.time()}
+            done = step >= total_steps or bool(budget_s and trained_s >= budget_s) or bool(stop["signal"])
+            if args.eval_every and step % args.eval_every == 0 and not done:
+                t_eval = time.time()
+                result = run_eval("periodic")
+                if result and result[1]:
+                    checkpoint(args.out)
+                checkpoint(last_path(args.out))
+                trained_s += time.time() - t_eval
+                window["t"] += time.time() - t_eval
+            if done:
+                break
+        if batch_in_epoch >= len(batches):
+            epoch, batch_in_epoch = epoch + 1, 0
+            if not done and not args.eval_every and epoch < args.epochs:
+                t_eval = time.time()
+                result = run_eval(f"epoch {epoch}")
+                if result and result[1]:
+                    checkpoint(args.out)
+                checkpoint(last_path(args.out))
+                trained_s += time.time() - t_eval
+                window["t"] += time.time() - t_eval
+            done = done or epoch >= args.epochs
+
+    # ---- end: final evaluation and checkpoints ------------------------------------------------------
+    checkpoint(last_path(args.out))
+    if stop["signal"]:
+        log(f"stopped by {stop['signal']} at step {step}; saved {last_path(args.out)}. Resume with the same "
+            f"command plus --resume")
+        return
+    result = run_eval("final")
+    if result is None or result[1]:
+        checkpoint(args.out)
+    if result:
+        metrics = result[0]
+        write_metrics(args.metrics_json, {**metrics, "step": step, "trained_seconds": round(trained_s, 1)})
+    log(f"done: {step} steps in {fmt_time(trained_s)} of training; best valid ppl {best:.2f}; "
+        f"checkpoints {args.out} (best) and {last_path(args.out)} (last)")
+
+
+def _to_tuple(x):
+    """random.getstate() comes back from a checkpoint with its tuples as lists; setstate wants tuples."""
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,463 @@
+"""Sentiment classification (SST-2 / SST-5) on frozen ELMo: biLM layers -> scalar mix -> BiLSTM -> pool -> MLP.
+
+Reads a biLM checkpoint from train_lm.py (`--elmo lm.pt`), or official weights (`--elmo weights.hdf5` with
+options.json beside it), or builds a baseline: `--elmo random` (the same architecture, untrained, frozen)
+or `--elmo none` (trainable word embeddings, no pretraining). Data: SST-2 style TSV (`sentence<TAB>label`,
+with a header) or SST trees in PTB format (`trainDevTestTrees_PTB`: one tree a line, root label = sentence
+label), or the hub (stanfordnlp/sst2, SetFit/sst5). Writes `--out` (best dev accuracy) and `<out>.last.pt`.
+
+  # CPU smoke run, under a minute (tiny biLM from train_lm.py's smoke run)
+  python train_sst.py --elmo /tmp/tiny.pt --task sst2 --train-file ../shared/data/sst2/dev.tsv \\
+      --dev-file ../shared/data/sst2/dev.tsv --max-steps 30 --out /tmp/sst.pt
+  # a real run: SST-2 with the movie-review biLM (or --device cuda)
+  python train_sst.py --elmo lm.pt --task sst2 --data-dir ../shared/data/sst2 --max-minutes 10 --out sst2.pt
+  python train_sst.py --elmo lm.pt --task sst5 --data-dir ../shared/data/sst5 --phrases --out sst5.pt
+  # resume, evaluate, predict
+  python train_sst.py --resume --out sst2.pt --elmo lm.pt --task sst2 --data-dir ../shared/data/sst2
+  python train_sst.py --eval-only --ckpt sst2.pt --test-file ../shared/data/sst2/dev.tsv --metrics-json m.json
+  python train_sst.py --ckpt sst2.pt --predict "a gorgeous , witty , seductive movie ."
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+from data import UserError
+from elmo import (CHECKPOINT_FORMAT, PRESETS, ArgumentParser, BiLM, BiLstmEncoder, ELMoConfig, TokenFeatures,
+                  atomic_save, fmt_time, last_path, load_checkpoint, load_elmo, pick_device, pool, run_main,
+                  write_metrics)
+
+LABELS = {"sst2": ["negative", "positive"],
+          "sst5": ["very negative", "negative", "neutral", "positive", "very positive"]}
+HUB = {"sst2": ("stanfordnlp/sst2", None, "sentence", "validation"),
+       "sst5": ("SetFit/sst5", None, "text", "validation")}
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(__doc__)
+    g = p.add_argument_group("model")
+    g.add_argument("--elmo", help="biLM checkpoint (train_lm.py) or official *.hdf5, 'random' (same "
+                   "architecture as --preset, untrained) or 'none' (word embeddings only)")
+    g.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="architecture for --elmo random")
+    g.add_argument("--encoder", default="bilstm", choices=["bilstm", "mean"], help="'mean': the notebook's "
+                   "mean-pooled features -> MLP, no LSTM")
+    g.add_argument("--hidden", type=int, default=256, help="BiLSTM size per direction and MLP width")
+    g.add_argument("--pooling", default="max", choices=["max", "mean", "max+mean"])
+    g.add_argument("--word-dim", type=int, default=300, help="word embedding size for --elmo none")
+    g.add_argument("--elmo-dropout", type=float, default=0.5, help="dropout on the ELMo mix (AllenNLP: 0.5)")
+    g.add_argument("--dropout", type=float, default=0.2, help="dropout before the MLP")
+    g.add_argument("--layer-norm", action="store_true", help="layer-normalise biLM layers before mixing")
+    g.add_argument("--mix-l2", type=float, default=0.0, help="L2 penalty on the mix weights (paper's lambda; "
+                   "0.001 in the paper for some tasks)")
+    g = p.add_argument_group("data")
+    g.add_argument("--task", default="sst2", choices=sorted(LABELS))
+    g.add_argument("--train-file", help="TSV (sentence<TAB>label) or PTB trees")
+    g.add_argument("--dev-file", help="same format, for early stopping")
+    g.add_argument("--data-dir", help="folder with train.{tsv,txt} and dev.{tsv,txt}")
+    g.add_argument("--phrases", action="store_true", help="trees: also train on every labelled subtree")
+    g.add_argument("--max-length", type=int, default=100, help="cut sentences longer than this (tokens)")
+    g.add_argument("--encoding", default="utf-8")
+    g.add_argument("--skip-bad-lines", action="store_true", help="skip lines that do not decode (counted)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--batch-size", type=int, default=32, help="sentences per batch")
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--max-steps", type=int, default=0, help="0 = no limit")
+    g.add_argument("--max-minutes", type=float, default=0, help="0 = no limit (evaluation time counted)")
+    g.add_argument("--patience", type=int, default=3, help="stop after this many evaluations without a "
+                   "better dev accuracy (0 = never)")
+    g.add_argument("--eval-every", type=int, default=0, help="steps between dev evaluations (0 = each epoch)")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    g.add_argument("--cache", default="auto", choices=["auto", "on", "off"], help="keep the frozen biLM "
+                   "layers of each sentence after the first epoch (auto: on when it fits in a quarter of RAM)")
+    g.add_argument("--threads", type=int, default=0)
+    g.add_argument("--seed", type=int, default=1)
+    g.add_argument("--log-every", type=int, default=100)
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--out", default="sst.pt", help="best checkpoint; the latest goes to <out>.last.pt")
+    g.add_argument("--resume", action="store_true", help="continue from <out>.last.pt")
+    g.add_argument("--eval-only", action="store_true", help="evaluate --ckpt on --test-file and exit")
+    g.add_argument("--ckpt", help="classifier checkpoint for --eval-only / --predict")
+    g.add_argument("--test-file", help="file for --eval-only")
+    g.add_argument("--predict", help="classify this text with --ckpt and print the probabilities")
+    g.add_argument("--metrics-json", help="write the last evaluation here as JSON")
+    args = p.parse_args(argv)
+    for name in ("max_steps", "max_minutes", "epochs", "batch_size", "patience", "eval_every", "threads",
+                 "hidden", "max_length"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must not be negative")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------------------
+def read_examples(path, task, args, phrases=False):
+    """A local TSV or tree file -> list of (tokens, label id). Format from the first line."""
+    data.check_file(path)
+    labels = LABELS[task]
+    first = next((line for _, line in data.read_lines(path, args.encoding, args.skip_bad_lines) if line.strip()),
+                 None)
+    if first is None:
+        raise UserError(f"{path} has no examples")
+    examples = []
+    if first.lstrip().startswith("("):
+        for number, line in data.read_lines(path, args.encoding, args.skip_bad_lines):
+            if not line.strip():
+                continue
+            try:
+                _, _, subtrees = data.parse_tree(line.strip())
+            except ValueError as e:
+                raise UserError(f"{path}:{number}: not a PTB tree ({e})") from None
+            for k, (label, tokens) in enumerate(subtrees if phrases else subtrees[:1]):
+                if not 0 <= label <= 4:
+                    raise UserError(f"{path}:{number}: label {label} is not in 0-4")
+                if task == "sst2":          # the standard binarisation: 0-1 negative, 3-4 positive, 2 dropped
+                    if label == 2:
+                        continue
+                    label = int(label > 2)
+                examples.append((tokens[: args.max_length], label))
+        if phrases:                          # the same phrase occurs in many trees: keep one copy
+            examples = list(dict.fromkeys((tuple(t), y) for t, y in examples))
+            examples = [(list(t), y) for t, y in examples]
+    else:
+        for number, row in data.read_tsv(path, ["sentence", "label"], args.encoding, args.skip_bad_lines):
+            label = parse_label(row["label"], labels)
+            if label is None:
+                raise UserError(f"{path}:{number}: label {row['label']!r} is not one of 0-{len(labels) - 1} "
+                                f"for --task {task}")
+            tokens = data.tokenize(row["sentence"])[: args.max_length]
+            if tokens:
+                examples.append((tokens, label))
+    if not examples:
+        raise UserError(f"{path} has no usable examples")
+    return examples
+
+
+def parse_label(text, labels):
+    text = text.strip()
+    if text in labels:
+        return labels.index(text)
+    try:
+        value = int(float(text))
+    except ValueError:
+        return None
+    return value if 0 <= value < len(labels) and float(text) == value else None
+
+
+def load_split(args, split):
+    """(tokens, label) examples of 'train' or 'dev' from --train-file/--dev-file, --data-dir or the hub."""
+    path = args.train_file if split == "train" else args.dev_file
+    if path is None and args.data_dir:
+        for ext in ("tsv", "txt"):
+            candidate = os.path.join(args.data_dir, f"{split}.{ext}")
+            if os.path.exists(candidate):
+                path = candidate
+                break
+        else:
+            raise UserError(f"--data-dir {args.data_dir} has no {split}.tsv or {split}.txt")
+    if path:
+        return read_examples(path, args.task, args, phrases=args.phrases and split == "train")
+    name, config, column, dev_split = HUB[args.task]
+    if not data.hub_reachable():
+        raise UserError(f"cannot reach the Hugging Face hub to load {name} (offline?); use local files: "
+                        f"--train-file F --dev-file F, or --data-dir D")
+    import datasets
+    ds = datasets.load_dataset(name, config, split="train" if split == "train" else dev_split)
+    return [(data.tokenize(t)[: args.max_length], int(y)) for t, y in zip(ds[column], ds["label"])
+            if data.tokenize(t)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# model
+# ---------------------------------------------------------------------------------------------------------
+class SentenceClassifier(nn.Module):
+    """features -> (BiLSTM) -> max/mean pool -> MLP -> class logits."""
+
+    def __init__(self, features: TokenFeatures, n_classes: int, encoder="bilstm", hidden=256, pooling="max",
+                 dropout=0.2):
+        super().__init__()
+        self.features = features
+        self.encoder = BiLstmEncoder(features.output_dim, hidden, encoder)
+        self.pooling = pooling
+        width = self.encoder.output_dim * (2 if pooling == "max+mean" else 1)
+        self.mlp = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, n_classes))
+
+    def forward(self, sentences):                       # B token lists -> (B, classes)
+        x, mask = self.features(sentences)              # (B, T, F)
+        return self.mlp(pool(self.encoder(x, mask), mask, self.pooling))
+
+
+def build_model(spec: dict, bilm_state=None, cache=True):
+    """The classifier from a spec (stored in checkpoints as plain values), with its biLM if any."""
+    bilm = None
+    if spec["bilm_config"] is not None:
+        bilm = BiLM(ELMoConfig.from_dict(spec["bilm_config"]))
+        if bilm_state is not None:
+            bilm.load_state_dict(bilm_state)
+    features = TokenFeatures(bilm, spec["word_vocab"], spec["word_dim"], layer_norm=spec["layer_norm"],
+                             dropout=spec["elmo_dropout"], cache=cache)
+    return SentenceClassifier(features, len(spec["labels"]), spec["encoder"], spec["hidden"], spec["pooling"],
+                              spec["dropout"])
+
+
+def make_bilm(args):
+    """--elmo PATH | random | none -> (frozen biLM or None, its description)."""
+    if args.elmo in (None, ""):
+        raise UserError("--elmo is required: a train_lm.py checkpoint, 'random' or 'none'")
+    if args.elmo == "none":
+        return None, "none (trainable word embeddings)"
+    if args.elmo == "random":
+        torch.manual_seed(args.seed)
+        bilm = BiLM(ELMoConfig(**PRESETS[args.preset], vocab_size=0))
+        return bilm.eval(), f"random (untrained '{args.preset}' biLM, frozen)"
+    bilm = load_elmo(args.elmo)
+    bilm.head = None                                    # the LM softmax is not part of ELMo
+    bilm.config.vocab_size = 0
+    return bilm, f"{args.elmo} (frozen)"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluation
+# ---------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model, examples, batch_size):
+    model.eval()
+    correct = 0
+    lengths = torch.tensor([len(t) for t, _ in examples])
+    for batch in data.bucket_batches(lengths, 10 ** 9, seed=0, shuffle=False, max_sentences=batch_size * 4):
+        logits = model([examples[i][0] for i in batch])
+        correct += sum(int(p == examples[i][1]) for p, i in zip(logits.argmax(-1).tolist(), batch))
+    model.train()
+    return {"accuracy": correct / len(examples), "n": len(examples)}
+
+
+
+
+def load_classifier(path, device):
+    ckpt = load_checkpoint(path, "sst")
+    model = build_model(ckpt["spec"], ckpt["bilm"], cache=False)
+    load_task_state(model, ckpt["model"])
+    return ckpt, model.to(device).eval()
+
+
+def load_task_state(model, state):
+    """Load everything but the frozen biLM (stored once, separately, under "bilm")."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("features.elmo.bilm.") for k in missing):
+        raise UserError(f"checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    log = lambda msg: print(msg, flush=True)   # noqa: E731
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+
+    # ---- predict / eval-only ------------------------------------------------------------------------
+    if args.predict is not None or args.eval_only:
+        if not args.ckpt:
+            raise UserError("--predict and --eval-only need --ckpt PATH (a train_sst.py checkpoint)")
+        ckpt, model = load_classifier(args.ckpt, device)
+        labels = ckpt["spec"]["labels"]
+        if args.predict is not None:
+            tokens = data.tokenize(args.predict, "regex")
+            if not tokens:
+                raise UserError("--predict needs some text")
+            with torch.no_grad():
+                p = torch.softmax(model([tokens]), -1)[0].tolist()
+            log(f"{labels[max(range(len(p)), key=p.__getitem__)]}\t" +
+                " ".join(f"{name}={q:.3f}" for name, q in zip(labels, p)))
+            return
+        if not args.test_file:
+            raise UserError("--eval-only needs --test-file FILE")
+        examples = read_examples(args.test_file, ckpt["spec"]["task"], args)
+        metrics = evaluate(model, examples, args.batch_size)
+        log(f"eval {args.ckpt} on {args.test_file}: accuracy {100 * metrics['accuracy']:.2f}% of {metrics['n']:,}")
+        write_metrics(args.metrics_json, metrics)
+        return
+
+    # ---- checkpoint to resume -----------------------------------------------------------------------
+    last = last_path(args.out)
+    resume = None
+    if args.resume:
+        if not os.path.exists(last):
+            raise UserError(f"--resume: no checkpoint {last} to resume from")
+        resume = load_checkpoint(last, "sst")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise UserError(f"--out directory does not exist: {os.path.dirname(os.path.abspath(args.out))}")
+
+    # ---- data ---------------------------------------------------------------------------------------
+    random.seed(args.seed)
+    train = load_split(args, "train")
+    dev = load_split(args, "dev")
+    labels = LABELS[args.task]
+    log(f"data: {args.task} train {len(train):,} examples, dev {len(dev):,} examples; labels {labels}")
+
+    # ---- model --------------------------------------------------------------------------------------
+    if resume:
+        spec, bilm_state = resume["spec"], resume["bilm"]
+    else:
+        bilm, described = make_bilm(args)
+        word_vocab = None
+        if bilm is None:
+            counts = {}
+            for tokens, _ in train:
+                for w in tokens:
+                    counts[w] = counts.get(w, 0) + 1
+            word_vocab = data.SPECIALS + sorted((w for w in counts if w not in data.SPECIALS), key=lambda w: -counts[w])
+        spec = {"task": args.task, "labels": labels, "bilm_config": asdict(bilm.config) if bilm else None,
+                "word_vocab": word_vocab, "word_dim": args.word_dim, "layer_norm": args.layer_norm,
+                "elmo_dropout": args.elmo_dropout, "encoder": args.encoder, "hidden": args.hidden,
+                "pooling": args.pooling, "dropout": args.dropout, "elmo": described}
+        bilm_state = bilm.state_dict() if bilm else None
+    n_cached = sum(len(t) + 2 for t, _ in train) + sum(len(t) + 2 for t, _ in dev)
+    cache_bytes = 0
+    if spec["bilm_config"]:
+        c = spec["bilm_config"]
+        cache_bytes = n_cached * (c["n_layers"] + 1) * 2 * c["projection_dim"] * 4
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    cache = args.cache == "on" or (args.cache == "auto" and cache_bytes < ram / 4)
+    torch.manual_seed(args.seed)
+    model = build_model(spec, bilm_state, cache=cache).to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen_before = {k: v.clone() for k, v in model.features.elmo.bilm.state_dict().items()} \
+        if model.features.elmo is not None else {}
+    opt = torch.optim.Adam(trainable, lr=args.lr) if args.optimizer == "adam" else \
+        torch.optim.SGD(trainable, lr=args.lr, momentum=0.9)
+    step, epoch, batch_in_epoch, trained_s, best, bad_evals = 0, 0, 0, 0.0, -1.0, 0
+    if resume:
+        load_task_state(model, resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        step, epoch, batch_in_epoch = resume["step"], resume["epoch"], resume["batch_in_epoch"]
+        trained_s, best, bad_evals = resume["trained_seconds"], resume["best"], resume["bad_evals"]
+        torch.set_rng_state(resume["rng"]["torch"])
+        log(f"resumed from {last}: step {step}, epoch {epoch + 1}, best dev accuracy {100 * best:.2f}%")
+    log(f"device {device} | elmo {spec['elmo']} | encoder {spec['encoder']} | cache "
+        f"{'on' if cache else 'off'} ({cache_bytes / 2 ** 30:.2f} GiB) | trainable parameters "
+        f"{sum(p.numel() for p in trainable):,}")
+
+    def checkpoint(path):
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith("features.elmo.bilm.")}
+        atomic_save({"format": CHECKPOINT_FORMAT, "kind": "sst", "spec": spec, "bilm": bilm_state,
+                     "model": state, "optimizer": opt.state_dict(), "step": step, "epoch": epoch,
+                     "batch_in_epoch": batch_in_epoch, "trained_seconds": trained_s, "best": best,
+                     "bad_evals": bad_evals, "rng": {"torch": torch.get_rng_state()}, "args": vars(args)}, path)
+
+    # ---- loop ---------------------------------------------------------------------------------------
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        if stop["signal"]:
+            raise KeyboardInterrupt
+        stop["signal"] = signal.Signals(signum).name
+        log(f"\n{stop['signal']}: finishing this step, then writing {last}")
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    lengths = torch.tensor([len(t) for t, _ in train])
+    budget_s = args.max_minutes * 60
+    metrics, best_metrics, window = None, None, {"loss": 0.0, "correct": 0, "n": 0, "steps": 0, "t": time.time()}
+
+    def run_eval(tag):
+        nonlocal best, bad_evals, metrics, best_metrics
+        t = time.time()
+        metrics = evaluate(model, dev, args.batch_size)
+        improved = metrics["accuracy"] > best
+        best, bad_evals = (metrics["accuracy"], 0) if improved else (best, bad_evals + 1)
+        log(f"eval {tag} step {step} | dev accuracy {100 * metrics['accuracy']:.2f}% | {time.time() - t:.1f}s"
+            + (f" | best, saved {args.out}" if improved else f" | best {100 * best:.2f}%"))
+        if improved:
+            best_metrics = metrics
+            checkpoint(args.out)
+        return improved
+
+    model.train()
+    done = False
+    while not done and epoch < args.epochs:
+        batches = data.bucket_batches(lengths, 10 ** 9, args.seed + epoch, max_sentences=args.batch_size)
+        while batch_in_epoch < len(batches):
+            t_step = time.time()
+            batch = batches[batch_in_epoch]
+            logits = model([train[i][0] for i in batch])
+            y = torch.tensor([train[i][1] for i in batch], device=device)
+            loss = F.cross_entropy(logits, y) + args.mix_l2 * model.features.l2_penalty().to(device)
+            if not math.isfinite(loss.item()):
+                print(f"error: loss is {loss.item()} at step {step + 1}; stopping without saving. Last good "
+                      f"checkpoint: {last if os.path.exists(last) else 'none written yet'}", file=sys.stderr)
+                sys.exit(3)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step, batch_in_epoch = step + 1, batch_in_epoch + 1
+            trained_s += time.time() - t_step
+            window["loss"] += loss.item() * len(batch)
+            window["correct"] += int((logits.argmax(-1) == y).sum())
+            window["n"] += len(batch)
+            window["steps"] += 1
+            if step % args.log_every == 0:
+                elapsed = time.time() - window["t"]
+                log(f"step {step:6d} | epoch {epoch + 1} | loss {window['loss'] / window['n']:.3f} | train acc "
+                    f"{100 * window['correct'] / window['n']:.1f}% | {1000 * elapsed / window['steps']:.0f} ms/step"
+                    f" | {window['n'] / elapsed:,.0f} sent/s | {fmt_time(trained_s)} trained")
+                window = {"loss": 0.0, "correct": 0, "n": 0, "steps": 0, "t": time.time()}
+            done = bool(args.max_steps and step >= args.max_steps) or bool(budget_s and trained_s >= budget_s) \
+                or bool(stop["signal"])
+            if args.eval_every and step % args.eval_every == 0 and not stop["signal"]:
+                t_eval = time.time()
+                run_eval("periodic")
+                checkpoint(last)
+                trained_s += time.time() - t_eval
+                window["t"] += time.time() - t_eval
+                done = done or bool(args.patience and bad_evals >= args.patience)
+            if done:
+                break
+        if batch_in_epoch >= len(batches):
+            epoch, batch_in_epoch = epoch + 1, 0
+            if not args.eval_every and not stop["signal"]:
+                t_eval = time.time()
+                run_eval(f"epoch {epoch}")
+                checkpoint(last)
+                trained_s += time.time() - t_eval
+                window["t"] += time.time() - t_eval
+                done = done or bool(args.patience and bad_evals >= args.patience)
+
+    # ---- end ----------------------------------------------------------------------------------------
+    if frozen_before:
+        after = model.features.elmo.bilm.state_dict()
+        assert all(torch.equal(v, after[k]) for k, v in frozen_before.items()), "the frozen biLM changed"
+    checkpoint(last)
+    if stop["signal"]:
+        log(f"stopped by {stop['signal']} at step {step}; saved {last}. Resume with the same command plus --resume")
+        return
+    if metrics is None or batch_in_epoch:        # the budget ended mid-epoch: evaluate what we have
+        run_eval("final")
+    if not os.path.exists(args.out):
+        checkpoint(args.out)
+    write_metrics(args.metrics_json, {**(best_metrics or {"accuracy": best}), "step": step,
+                                      "trained_seconds": round(trained_s, 1)})
+    log(f"done: {step} steps in {fmt_time(trained_s)}; best dev accuracy {100 * best:.2f}%; checkpoints "
+        f"{args.out} (best) and {last} (last)")
+
+
+
+
+if __name__ == "__main__":
+    run_main(main)
