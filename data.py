@@ -133,17 +133,19 @@ def read_lines(path: str, encoding: str = "utf-8", skip_bad_lines: bool = False,
             yield number, text.rstrip("\r\n")
 
 
-def hub_lines(name: str, config: str | None, split: str, column: str = "text"):
-    """Yield the `column` strings of a Hugging Face hub data set split. Fails fast (one line) offline."""
+def hub_dataset(name: str, config: str | None, split: str, local_flags: str):
+    """A Hugging Face hub data set split (Arrow, memory-mapped: larger than RAM is fine). Fails fast, in one
+    line naming the local-file flags, when the hub cannot be reached or the data set cannot be loaded."""
+    if not hub_reachable():
+        raise UserError(f"cannot reach the Hugging Face hub to load {name} (offline?); use local files: "
+                        f"{local_flags}")
     import datasets  # imported lazily: local-file runs never pay its import time
     try:
-        ds = datasets.load_dataset(name, config, split=split)
-    except Exception as e:  # offline, unknown name, ...: the library raises many different types
-        raise UserError(f"could not load {name}/{config or ''} split {split!r} from the Hugging Face hub "
-                        f"({type(e).__name__}); offline? use local files instead (--train-file/--valid-file)"
-                        ) from None
-    for text in ds[column]:
-        yield text
+        return datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # unknown name, split or config, interrupted download: many exception types
+        raise UserError(f"could not load {name} {config or ''} split {split!r} from the hub "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}); "
+                        f"or use local files: {local_flags}") from None
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

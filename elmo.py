@@ -59,7 +59,7 @@ import torch.nn.functional as F
 # nn.LSTM with proj_size runs torch's own fused kernel instead of oneDNN's; that is expected, not a problem
 warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
 
-from data import MAX_CHARS, PAD_ID, UserError, batch_to_ids, boundary_char_ids
+from data import MAX_CHARS, PAD_CHAR, PAD_ID, UserError, batch_to_ids, boundary_char_ids
 
 CHECKPOINT_FORMAT = "elmo-pytorch/1"  # bump when the checkpoint layout changes incompatibly
 
@@ -187,7 +187,8 @@ class CharCNN(nn.Module):
         #    character only if it starts before the longest word ends (at `longest`); every window after
         #    that sees only the pad character and gives the same value. Keeping `longest + max_width`
         #    positions keeps every distinct window value, so the max-pool is unchanged. (Exact.)
-        longest = int((flat > 0).sum(dim=1).max()) if flat.numel() else 0
+        is_char = (flat != PAD_ID) & (flat != PAD_CHAR + 1)                # real characters and marks
+        longest = int(is_char.sum(dim=1).max()) if flat.numel() else 0
         flat = flat[:, : min(W, longest + self.max_width)]
         # 2) Run the CNN once per distinct token of the batch: a sentence batch repeats "the", "," ...
         #    many times, and the CNN is the same function for each copy. (Exact.)
@@ -373,17 +374,19 @@ class BiLM(nn.Module):
         token t+1 and the backward output at t predicts token t-1, so each sentence gives n+1 predictions
         per direction (the words and </S>, resp. the words and <S>): the word-level PTB convention.
         Returns (nll_forward_sum, nll_backward_sum, n_predictions per direction)."""
-        inputs_bos_eos, _, _ = self.add_boundaries(inputs)
+        inputs_bos_eos, _, lengths = self.add_boundaries(inputs)                  # lengths: n + 2
         _, forward, backward = self.encode(inputs_bos_eos)
         fwd_h, bwd_h = self.dropout(forward[-1]), self.dropout(backward[-1])     # (B, T+2, P)
         fwd_y, bwd_y = targets[:, 1:], targets[:, :-1]                            # (B, T+1)
-        # Prediction j (j = 0 .. n) of a sentence: forward output j -> token j+1, backward output j+1 ->
-        # token j. The same mask serves both; it must not be `bwd_y != PAD`, which would also ask the
-        # backward output at the padding after </S> to predict </S>.
-        keep = fwd_y != PAD_ID                                                    # (B, T+1)
-        nll_f = self.token_nll(fwd_h[:, :-1][keep], fwd_y[keep])                 # (n, P) -> ()
-        nll_b = self.token_nll(bwd_h[:, 1:][keep], bwd_y[keep])
-        return nll_f, nll_b, int(keep.sum())
+        # Prediction j = 0 .. n of a sentence: forward output j -> token j+1, backward output j+1 ->
+        # token j. Which j exist comes from the *inputs*' lengths: a mask from the targets alone
+        # (`bwd_y != PAD`) would also ask the backward output at the padding after </S> to predict </S>.
+        # A PAD target skips one prediction (the leakage tests use that).
+        real = torch.arange(fwd_y.shape[1], device=targets.device) < (lengths - 1).unsqueeze(1)   # (B, T+1)
+        fwd_keep, bwd_keep = real & (fwd_y != PAD_ID), real & (bwd_y != PAD_ID)
+        nll_f = self.token_nll(fwd_h[:, :-1][fwd_keep], fwd_y[fwd_keep])         # (n, P) -> ()
+        nll_b = self.token_nll(bwd_h[:, 1:][bwd_keep], bwd_y[bwd_keep])
+        return nll_f, nll_b, int(fwd_keep.sum())
 
     def token_nll(self, h, y):                          # (n, P), (n,) -> () summed NLL
         if isinstance(self.head, nn.Linear):
@@ -610,7 +613,7 @@ def load_checkpoint(path: str, kind: str | tuple | None = None) -> dict:
             raise UserError(f"refusing to load {path}: it contains pickled Python objects, which could run "
                             f"code; only tensors and plain containers are accepted") from None
         raise UserError(f"{path} is not a valid checkpoint (corrupt or truncated: {first[:80]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001  (a non-checkpoint file can fail in the zip reader or unpickler)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} is not a readable PyTorch checkpoint (corrupt, truncated or another kind "
                         f"of file: {first[:80]})") from None
@@ -761,6 +764,20 @@ def write_metrics(path, metrics: dict):
 def fmt_time(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def abort_nonfinite(what: str, step: int, last: str):
+    """A NaN/inf loss or weight: stop with exit status 3, naming the step and the last good checkpoint,
+    which is left as it is (the scripts call this *before* writing a checkpoint)."""
+    import sys
+    good = last if os.path.exists(last) else "none written yet"
+    print(f"error: {what} at step {step}; stopping without saving. Last good checkpoint: {good}. "
+          f"Try a lower --lr.", file=sys.stderr)
+    sys.exit(3)
+
+
+def all_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def run_main(main):

@@ -27,7 +27,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 from dataclasses import asdict
 
@@ -35,8 +34,9 @@ import torch
 
 import data
 from data import UserError
-from elmo import (CHECKPOINT_FORMAT, PRESETS, ArgumentParser, BiLM, ELMoConfig, atomic_save, bilm_from_checkpoint,
-                  count_parameters, fmt_time, last_path, load_checkpoint, pick_device, run_main, write_metrics)
+from elmo import (CHECKPOINT_FORMAT, PRESETS, ArgumentParser, BiLM, ELMoConfig, abort_nonfinite, all_finite,
+                  atomic_save, bilm_from_checkpoint, count_parameters, fmt_time, last_path, load_checkpoint,
+                  pick_device, run_main, write_metrics)
 
 
 def parse_args(argv=None):
@@ -118,12 +118,10 @@ def load_sentences(files, split, args, log):
     if files:
         tokenizer = "whitespace" if args.tokenizer == "auto" else args.tokenizer
         return data.read_corpus(files, tokenizer, args.max_length, args.encoding, args.skip_bad_lines, log)
-    if not data.hub_reachable():
-        raise UserError(f"cannot reach the Hugging Face hub to load {args.dataset} (offline?); "
-                        f"use local files: --train-file FILE [FILE ...] --valid-file FILE")
+    ds = data.hub_dataset(args.dataset, args.dataset_config, split, "--train-file FILE [FILE ...] --valid-file FILE")
     tokenizer = "regex" if args.tokenizer == "auto" else args.tokenizer
     sentences = []
-    for line in data.hub_lines(args.dataset, args.dataset_config, split):
+    for line in ds["text"]:
         sentences.extend(s for s in data.split_long(data.tokenize(line, tokenizer), args.max_length) if s)
     if not sentences:
         raise UserError(f"{args.dataset} split {split!r} has no text")
@@ -161,8 +159,9 @@ def evaluate(model, corpus, args, device, autocast):
             f, b, count = model.lm_nll(inputs.to(device), targets.to(device))
         nll_f, nll_b, n = nll_f + float(f), nll_b + float(b), n + count
     model.train()
-    return {"ppl_forward": math.exp(nll_f / n), "ppl_backward": math.exp(nll_b / n),
-            "ppl": math.exp((nll_f + nll_b) / (2 * n)), "tokens": n}
+    ppl = lambda nll: math.exp(nll) if nll < 700 else float("inf")   # noqa: E731  (no OverflowError)
+    return {"ppl_forward": ppl(nll_f / n), "ppl_backward": ppl(nll_b / n), "ppl": ppl((nll_f + nll_b) / (2 * n)),
+            "tokens": n}
 
 
 
@@ -273,6 +272,8 @@ def main(argv=None):
     log("config " + json.dumps(asdict(config)))
 
     def checkpoint(path):
+        if not all_finite(model):
+            abort_nonfinite("the parameters are no longer finite", step, last_path(args.out))
         atomic_save({
             "format": CHECKPOINT_FORMAT, "kind": "bilm", "config": asdict(config), "vocab": vocab,
             "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": epoch,
@@ -335,10 +336,7 @@ def main(argv=None):
                 nll_f, nll_b, n = model.lm_nll(inputs.to(device), targets.to(device))
             loss = (nll_f + nll_b) / (2 * n)
             if not math.isfinite(loss.item()):
-                good = last_path(args.out) if os.path.exists(last_path(args.out)) else "none written yet"
-                print(f"error: loss is {float(loss)} at step {step + 1}; stopping without saving. Last good "
-                      f"checkpoint: {good}. Try a lower --lr.", file=sys.stderr)
-                sys.exit(3)
+                abort_nonfinite(f"loss is {loss.item()}", step + 1, last_path(args.out))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if args.clip_norm:

@@ -23,7 +23,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 from dataclasses import asdict
 
@@ -34,8 +33,8 @@ import torch.nn.functional as F
 import data
 from data import UserError
 from elmo import (CHECKPOINT_FORMAT, PRESETS, ArgumentParser, BiLM, BiLstmEncoder, ELMoConfig, TokenFeatures,
-                  atomic_save, fmt_time, last_path, load_checkpoint, load_elmo, pick_device, pool, run_main,
-                  write_metrics)
+                  abort_nonfinite, all_finite, atomic_save, fmt_time, last_path, load_checkpoint, load_elmo,
+                  pick_device, pool, run_main, write_metrics)
 
 LABELS = {"sst2": ["negative", "positive"],
           "sst5": ["very negative", "negative", "neutral", "positive", "very positive"]}
@@ -171,11 +170,8 @@ def load_split(args, split):
     if path:
         return read_examples(path, args.task, args, phrases=args.phrases and split == "train")
     name, config, column, dev_split = HUB[args.task]
-    if not data.hub_reachable():
-        raise UserError(f"cannot reach the Hugging Face hub to load {name} (offline?); use local files: "
-                        f"--train-file F --dev-file F, or --data-dir D")
-    import datasets
-    ds = datasets.load_dataset(name, config, split="train" if split == "train" else dev_split)
+    ds = data.hub_dataset(name, config, "train" if split == "train" else dev_split,
+                          "--train-file F --dev-file F, or --data-dir D")
     return [(data.tokenize(t)[: args.max_length], int(y)) for t, y in zip(ds[column], ds["label"])
             if data.tokenize(t)]
 
@@ -209,7 +205,7 @@ def build_model(spec: dict, bilm_state=None, cache=True):
         if bilm_state is not None:
             bilm.load_state_dict(bilm_state)
     features = TokenFeatures(bilm, spec["word_vocab"], spec["word_dim"], layer_norm=spec["layer_norm"],
-                             dropout=spec["elmo_dropout"], cache=cache)
+                             dropout=spec["elmo_dropout"] if bilm else spec["dropout"], cache=cache)
     return SentenceClassifier(features, len(spec["labels"]), spec["encoder"], spec["hidden"], spec["pooling"],
                               spec["dropout"])
 
@@ -355,6 +351,8 @@ def main(argv=None):
         f"{sum(p.numel() for p in trainable):,}")
 
     def checkpoint(path):
+        if not all_finite(model):
+            abort_nonfinite("the parameters are no longer finite", step, last)
         state = {k: v for k, v in model.state_dict().items() if not k.startswith("features.elmo.bilm.")}
         atomic_save({"format": CHECKPOINT_FORMAT, "kind": "sst", "spec": spec, "bilm": bilm_state,
                      "model": state, "optimizer": opt.state_dict(), "step": step, "epoch": epoch,
@@ -393,6 +391,7 @@ def main(argv=None):
     done = False
     while not done and epoch < args.epochs:
         batches = data.bucket_batches(lengths, 10 ** 9, args.seed + epoch, max_sentences=args.batch_size)
+        epoch_started = trained_s     # epoch 1 fills the biLM cache; later epochs show what it saves
         while batch_in_epoch < len(batches):
             t_step = time.time()
             batch = batches[batch_in_epoch]
@@ -400,9 +399,7 @@ def main(argv=None):
             y = torch.tensor([train[i][1] for i in batch], device=device)
             loss = F.cross_entropy(logits, y) + args.mix_l2 * model.features.l2_penalty().to(device)
             if not math.isfinite(loss.item()):
-                print(f"error: loss is {loss.item()} at step {step + 1}; stopping without saving. Last good "
-                      f"checkpoint: {last if os.path.exists(last) else 'none written yet'}", file=sys.stderr)
-                sys.exit(3)
+                abort_nonfinite(f"loss is {loss.item()}", step + 1, last)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -433,7 +430,7 @@ def main(argv=None):
             epoch, batch_in_epoch = epoch + 1, 0
             if not args.eval_every and not stop["signal"]:
                 t_eval = time.time()
-                run_eval(f"epoch {epoch}")
+                run_eval(f"epoch {epoch} ({trained_s - epoch_started:.0f}s of training)")
                 checkpoint(last)
                 trained_s += time.time() - t_eval
                 window["t"] += time.time() - t_eval
