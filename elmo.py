@@ -484,33 +484,33 @@ class ElmoEmbedder(nn.Module):
 # Downstream building blocks shared by train_sst.py and train_mnli.py
 # ---------------------------------------------------------------------------------------------------------
 class TokenFeatures(nn.Module):
-    """What a task model reads for each token: the ELMo mix of a frozen biLM (`--elmo PATH` or `random`),
-    or trainable word embeddings (`--elmo none`, the no-pretraining baseline).
+    """What a task model reads for each token (paper section 3.3): [ELMo_k; x_k], the ELMo mix of a frozen
+    biLM (`--elmo PATH` or `random`) next to a trainable, context-independent word embedding x_k. Either
+    part can be absent: `--elmo none` is the no-pretraining baseline (x_k only), `--word-dim 0` ELMo only.
 
     The frozen biLM is the expensive part and gives the same layers every epoch, so with `cache=True` the
     layers of each distinct sentence are kept after their first computation: later epochs only run the
-    mix and the task model. `batch(sentences)` turns token lists into this module's input; `forward` gives
-    (B, T, output_dim) features and the (B, T) mask."""
+    mix and the task model. `forward(sentences)` takes token lists and gives (B, T, output_dim) features
+    and the (B, T) mask."""
 
     def __init__(self, bilm: BiLM | None = None, word_vocab: list | None = None, word_dim: int = 300,
-                 n_outputs: int = 1, layer_norm: bool = False, dropout: float = 0.5, cache: bool = True,
-                 cache_dtype=torch.float32):
+                 n_outputs: int = 1, layer_norm: bool = False, elmo_dropout: float = 0.5,
+                 word_dropout: float = 0.2, cache: bool = True, cache_dtype=torch.float32):
         super().__init__()
-        if bilm is not None:
-            self.elmo = ElmoEmbedder(bilm, n_outputs, layer_norm, dropout)
-            self.output_dim = self.elmo.output_dim
-        else:
-            self.elmo = None
+        if bilm is None and not (word_vocab and word_dim):
+            raise ValueError("TokenFeatures needs a biLM, word embeddings, or both")
+        self.elmo = ElmoEmbedder(bilm, n_outputs, layer_norm, elmo_dropout) if bilm is not None else None
+        self.embed = None
+        if word_vocab and word_dim:
             self.word_index = {w: i for i, w in enumerate(word_vocab)}
             self.embed = nn.Embedding(len(word_vocab), word_dim, padding_idx=PAD_ID)
-            self.dropout = nn.Dropout(dropout)
-            self.output_dim = word_dim
+            self.word_dropout = nn.Dropout(word_dropout)
+        self.output_dim = (self.elmo.output_dim if self.elmo else 0) + (word_dim if self.embed else 0)
         self.use_cache, self.cache_dtype = cache, cache_dtype
         self.cache: dict[tuple, torch.Tensor] = {}   # sentence -> (L+1, T+2, 2P) layers with <S>/</S>
 
-    def _layers(self, sentences):
+    def _layers(self, sentences, device):
         """Frozen biLM layers for a batch, from the cache where possible: (L+1, B, T+2, 2P), mask (B, T+2)."""
-        device = next(self.elmo.bilm.parameters()).device
         if not self.use_cache:
             layers, mask = self.elmo.layers(batch_to_ids(sentences).to(device))
             return torch.stack(layers), mask
@@ -520,7 +520,7 @@ class TokenFeatures(nn.Module):
             for b, s in enumerate(missing):
                 self.cache[s] = torch.stack([h[b, : len(s) + 2] for h in layers]).to("cpu", self.cache_dtype)
         T = max(len(s) for s in sentences) + 2
-        out = torch.zeros(len(self.elmo.mixes[0].weights), len(sentences), T, self.output_dim)
+        out = torch.zeros(len(self.elmo.mixes[0].weights), len(sentences), T, self.elmo.output_dim)
         for b, s in enumerate(sentences):
             out[:, b, : len(s) + 2] = self.cache[tuple(s)]
         lengths = torch.tensor([len(s) + 2 for s in sentences])
@@ -528,15 +528,20 @@ class TokenFeatures(nn.Module):
         return out.to(device), mask.to(device)
 
     def forward(self, sentences, output: int = 0):      # token lists -> (B, T, F), (B, T)
-        if self.elmo is None:
-            device = self.embed.weight.device
-            T = max(len(s) for s in sentences)
+        device = next(self.parameters()).device
+        T = max(len(s) for s in sentences)
+        mask = torch.arange(T, device=device).unsqueeze(0) < torch.tensor([len(s) for s in sentences],
+                                                                          device=device).unsqueeze(1)
+        parts = []
+        if self.elmo is not None:
+            layers, mask_bos_eos = self._layers(sentences, device)              # (L+1, B, T+2, 2P)
+            parts.append(self.elmo.mix(list(layers), mask_bos_eos)[output])     # (B, T, 2P)
+        if self.embed is not None:
             unk = self.word_index.get("<unk>", PAD_ID)
             ids = torch.tensor([[self.word_index.get(w, unk) for w in s] + [PAD_ID] * (T - len(s))
-                                for s in sentences], device=device)
-            return self.dropout(self.embed(ids)), ids != PAD_ID
-        layers, mask_bos_eos = self._layers(sentences)                        # (L+1, B, T+2, 2P)
-        return self.elmo.mix(list(layers), mask_bos_eos)[output], mask_bos_eos[:, 2:]
+                                for s in sentences], device=device)             # (B, T)
+            parts.append(self.word_dropout(self.embed(ids)))                    # (B, T, word_dim)
+        return torch.cat(parts, dim=-1), mask                                   # (B, T, F)
 
     def l2_penalty(self):
         return self.elmo.l2_penalty() if self.elmo is not None else torch.zeros(())
@@ -739,9 +744,14 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors (unknown or misspelt flags, bad values) are one line and exit 2, and
     whose --help shows the module docstring as written plus every default."""
 
+    class Formatter(argparse.RawDescriptionHelpFormatter):
+        def _get_help_string(self, action):   # append the default, where there is one worth showing
+            if action.default not in (None, False, argparse.SUPPRESS) and "default" not in (action.help or ""):
+                return (action.help or "") + " (default: %(default)s)"
+            return action.help
+
     def __init__(self, description):
-        fmt = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
-        super().__init__(description=description, formatter_class=fmt)
+        super().__init__(description=description, formatter_class=self.Formatter)
 
     def error(self, message):
         raise UserError(f"{message} (see --help)")

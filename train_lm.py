@@ -354,7 +354,7 @@ def main(argv=None):
                 lf, lb = window["loss_f"] / window["n"], window["loss_b"] / window["n"]
                 eta = (trained_s / progress() - trained_s) if progress() > 0 else 0
                 log(f"step {step:6d} | epoch {epoch + 1} | loss {(lf + lb) / 2:.3f} | ppl fwd {math.exp(lf):7.1f} "
-                    f"bwd {math.exp(lb):7.1f} | lr {opt.param_groups[0]['lr']:.2e} | "
+                    f"bwd {math.exp(lb):7.1f} mean {math.exp((lf + lb) / 2):7.1f} | lr {opt.param_groups[0]['lr']:.2e} | "
                     f"{1000 * elapsed / window['steps']:.0f} ms/step | {window['n'] / elapsed:,.0f} tok/s | "
                     f"ETA {fmt_time(eta)}")
                 window = {"loss_f": 0.0, "loss_b": 0.0, "n": 0, "steps": 0, "t": time.time()}

@@ -53,7 +53,8 @@ def parse_args(argv=None):
                    "hypothesis tokens before pooling")
     g.add_argument("--hidden", type=int, default=256, help="BiLSTM size per direction and MLP width")
     g.add_argument("--pooling", default="max", choices=["max", "mean", "max+mean"])
-    g.add_argument("--word-dim", type=int, default=300, help="word embedding size for --elmo none")
+    g.add_argument("--word-dim", type=int, default=300, help="trainable word embeddings x_k concatenated "
+                   "with ELMo as in the paper ([ELMo_k; x_k]), or alone for --elmo none; 0 = ELMo only")
     g.add_argument("--elmo-dropout", type=float, default=0.5, help="dropout on the ELMo mix (AllenNLP: 0.5)")
     g.add_argument("--dropout", type=float, default=0.2, help="dropout before the MLP")
     g.add_argument("--layer-norm", action="store_true", help="layer-normalise biLM layers before mixing")
@@ -201,7 +202,7 @@ def build_model(spec: dict, bilm_state=None, cache=True):
         if bilm_state is not None:
             bilm.load_state_dict(bilm_state)
     features = TokenFeatures(bilm, spec["word_vocab"], spec["word_dim"], layer_norm=spec["layer_norm"],
-                             dropout=spec["elmo_dropout"] if bilm else spec["dropout"], cache=cache)
+                             elmo_dropout=spec["elmo_dropout"], word_dropout=spec["dropout"], cache=cache)
     return PairClassifier(features, len(spec["labels"]), spec["encoder"], spec["hidden"], spec["pooling"],
                           spec["dropout"], spec["cross_attention"])
 
@@ -322,8 +323,10 @@ def main(argv=None):
         spec, bilm_state = resume["spec"], resume["bilm"]
     else:
         bilm, described = make_bilm(args)
+        if bilm is None and not args.word_dim:
+            raise UserError("--elmo none needs --word-dim > 0 (there would be no features at all)")
         word_vocab = None
-        if bilm is None:
+        if args.word_dim or bilm is None:
             counts = {}
             for premise, hypothesis, _, _ in train:
                 for w in premise + hypothesis:
@@ -356,7 +359,7 @@ def main(argv=None):
         trained_s, best, bad_evals = resume["trained_seconds"], resume["best"], resume["bad_evals"]
         torch.set_rng_state(resume["rng"]["torch"])
         log(f"resumed from {last}: step {step}, epoch {epoch + 1}, best dev accuracy {100 * best:.2f}%")
-    log(f"device {device} | elmo {spec['elmo']} | encoder {spec['encoder']} | cache "
+    log(f"device {device} | elmo {spec['elmo']} | words {spec['word_dim'] if spec['word_vocab'] else 0}d | encoder {spec['encoder']} | cache "
         f"{'on' if cache else 'off'} ({cache_bytes / 2 ** 30:.2f} GiB) | trainable parameters "
         f"{sum(p.numel() for p in trainable):,}")
 
