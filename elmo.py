@@ -547,6 +547,30 @@ class TokenFeatures(nn.Module):
         return self.elmo.l2_penalty() if self.elmo is not None else torch.zeros(())
 
 
+def frozen_bilm(elmo: str, preset: str = "cpu", seed: int = 1):
+    """The downstream scripts' `--elmo`: a train_lm.py checkpoint or official *.hdf5 -> its frozen biLM
+    without the LM softmax; 'random' -> the `preset` architecture, untrained, frozen (the ablation that
+    separates pretraining from architecture); 'none' -> None. Returns (biLM or None, a description)."""
+    if not elmo:
+        raise UserError("--elmo is required: a train_lm.py checkpoint, 'random' or 'none'")
+    if elmo == "none":
+        return None, "none (trainable word embeddings only)"
+    if elmo == "random":
+        torch.manual_seed(seed)
+        return BiLM(ELMoConfig(**PRESETS[preset], vocab_size=0)).eval(), f"random (untrained '{preset}' biLM)"
+    bilm = load_elmo(elmo)
+    bilm.head = None                                    # the LM softmax is not part of ELMo
+    bilm.config.vocab_size = 0
+    return bilm, f"{elmo} (frozen)"
+
+
+def load_task_state(model: nn.Module, state: dict):
+    """Load a task model's weights, all but the frozen biLM (a checkpoint stores that once, under "bilm")."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("features.elmo.bilm.") for k in missing):
+        raise UserError(f"checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
 class BiLstmEncoder(nn.Module):
     """Token features -> BiLSTM (packed, so padding never reaches the backward direction) -> (B, T, 2H).
     `encoder="mean"` skips the LSTM (the notebook's mean-pooling design)."""

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 import data
 from data import UserError
 from elmo import (CHECKPOINT_FORMAT, PRESETS, ArgumentParser, BiLM, BiLstmEncoder, ELMoConfig, TokenFeatures,
-                  abort_nonfinite, all_finite, atomic_save, fmt_time, last_path, load_checkpoint, load_elmo,
-                  pick_device, pool, run_main, write_metrics)
+                  abort_nonfinite, all_finite, atomic_save, fmt_time, frozen_bilm, last_path, load_checkpoint,
+                  load_task_state, pick_device, pool, run_main, write_metrics)
 
 LABELS = {"sst2": ["negative", "positive"],
           "sst5": ["very negative", "negative", "neutral", "positive", "very positive"]}
@@ -211,22 +211,6 @@ def build_model(spec: dict, bilm_state=None, cache=True):
                               spec["dropout"])
 
 
-def make_bilm(args):
-    """--elmo PATH | random | none -> (frozen biLM or None, its description)."""
-    if args.elmo in (None, ""):
-        raise UserError("--elmo is required: a train_lm.py checkpoint, 'random' or 'none'")
-    if args.elmo == "none":
-        return None, "none (trainable word embeddings)"
-    if args.elmo == "random":
-        torch.manual_seed(args.seed)
-        bilm = BiLM(ELMoConfig(**PRESETS[args.preset], vocab_size=0))
-        return bilm.eval(), f"random (untrained '{args.preset}' biLM, frozen)"
-    bilm = load_elmo(args.elmo)
-    bilm.head = None                                    # the LM softmax is not part of ELMo
-    bilm.config.vocab_size = 0
-    return bilm, f"{args.elmo} (frozen)"
-
-
 # ---------------------------------------------------------------------------------------------------------
 # evaluation
 # ---------------------------------------------------------------------------------------------------------
@@ -250,12 +234,6 @@ def load_classifier(path, device):
     load_task_state(model, ckpt["model"])
     return ckpt, model.to(device).eval()
 
-
-def load_task_state(model, state):
-    """Load everything but the frozen biLM (stored once, separately, under "bilm")."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any(not k.startswith("features.elmo.bilm.") for k in missing):
-        raise UserError(f"checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -312,16 +290,12 @@ def main(argv=None):
     if resume:
         spec, bilm_state = resume["spec"], resume["bilm"]
     else:
-        bilm, described = make_bilm(args)
+        bilm, described = frozen_bilm(args.elmo, args.preset, args.seed)
         if bilm is None and not args.word_dim:
             raise UserError("--elmo none needs --word-dim > 0 (there would be no features at all)")
         word_vocab = None
         if args.word_dim or bilm is None:
-            counts = {}
-            for tokens, _ in train:
-                for w in tokens:
-                    counts[w] = counts.get(w, 0) + 1
-            word_vocab = data.SPECIALS + sorted((w for w in counts if w not in data.SPECIALS), key=lambda w: -counts[w])
+            word_vocab = data.build_vocab([tokens for tokens, _ in train], max_size=10 ** 9)
         spec = {"task": args.task, "labels": labels, "bilm_config": asdict(bilm.config) if bilm else None,
                 "word_vocab": word_vocab, "word_dim": args.word_dim, "layer_norm": args.layer_norm,
                 "elmo_dropout": args.elmo_dropout, "encoder": args.encoder, "hidden": args.hidden,
