@@ -62,6 +62,7 @@ warnings.filterwarnings("ignore", message="LSTM with projections is not supporte
 from data import MAX_CHARS, PAD_CHAR, PAD_ID, UserError, batch_to_ids, boundary_char_ids
 
 CHECKPOINT_FORMAT = "elmo-pytorch/1"  # bump when the checkpoint layout changes incompatibly
+BOS_WORD_ID, EOS_WORD_ID = 1, 2       # word ids of <S>, </S>: data.SPECIALS = [<pad>, <S>, </S>, <unk>]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -401,9 +402,6 @@ def remove_boundaries(x, mask_bos_eos):
     out = x[:, 1:-1].clone()                                             # (B, T, ...)
     keep = torch.arange(out.shape[1], device=x.device).unsqueeze(0) < lengths.unsqueeze(1)
     return out * keep.view(*keep.shape, *([1] * (x.dim() - 2))).to(out.dtype)
-
-
-BOS_WORD_ID, EOS_WORD_ID, UNK_WORD_ID = 1, 2, 3  # data.SPECIALS = [<pad>, <S>, </S>, <unk>]
 
 
 # ---------------------------------------------------------------------------------------------------------
