@@ -121,7 +121,7 @@ PRESETS = {
     # for tests: seconds on a CPU
     "tiny": dict(char_embed_dim=4, filters=[[1, 4], [2, 8], [3, 16]], n_highway=1, word_embed_dim=16,
                  lstm_dim=32, projection_dim=16),
-    # the largest that trains usefully on 2 CPU cores in 15 minutes (chosen by measurement, see README):
+    # for 2 CPU cores and a 15-minute budget, chosen by measurement (README, Presets):
     # a narrow CNN, a wide cell behind a small projection (cheap recurrence, cheap softmax), adaptive softmax
     "cpu": dict(char_embed_dim=16, filters=[[1, 32], [2, 32], [3, 64], [4, 128], [5, 128]], n_highway=1,
                 word_embed_dim=128, lstm_dim=512, projection_dim=128, softmax="adaptive",
