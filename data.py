@@ -16,6 +16,7 @@ splits and `encode_corpus` packs into one flat int32 tensor of token-type ids (m
 """
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import re
@@ -77,17 +78,36 @@ def boundary_char_ids(device=None):
 # Tokenisation
 # ---------------------------------------------------------------------------------------------------------
 # For raw text: words (with inner apostrophes/hyphens/periods as in "don't", "state-of-the-art", "e.g."),
-# numbers ("3.5", "1,234"), and every other non-space character alone.
-_TOKEN_RE = re.compile(r"\d+(?:[.,]\d+)*|\w+(?:[-'.]\w+)*|\S", re.UNICODE)
-TOKENIZERS = ("whitespace", "regex")
+# numbers ("3.5", "1,234"), already split clitics ("n't", "'s"), PTB brackets ("-lrb-"), "...", "--", "``",
+# "''" whole, and every other non-space character alone.
+_TOKEN_RE = re.compile(r"\d+(?:[.,]\d+)*|\w+(?:[-'.]\w+)*"                 # numbers, words
+                       r"|(?i:n't|'(?:s|re|ve|ll|d|m))\b|(?i:-[lr][rcs]b-)"   # clitics, brackets
+                       r"|\.\.\.|--|``|''|\S", re.UNICODE)
+# Penn Treebank clitics: "doesn't" -> "does n't", "can't" -> "ca n't", "it's" -> "it 's", "we'll" -> "we 'll".
+_CLITIC_RE = re.compile(r"^(.+?)(n't|'s|'re|'ve|'ll|'d|'m)$", re.IGNORECASE)
+TOKENIZERS = ("whitespace", "regex", "ptb")
 
 
 def tokenize(line: str, mode: str = "whitespace") -> list[str]:
     """'whitespace' for corpora that are already tokenised (PTB keeps `<unk>` and `N` whole); 'regex' for
-    raw text (WikiText raw, MultiNLI)."""
+    raw text (WikiText raw); 'ptb' = regex, then Penn Treebank clitic splitting.
+
+    The biLM and the task must cut words the same way. SST is PTB-tokenised ("does n't", "it 's"), and a
+    biLM that only ever saw "doesn't" meets "n't" (the negation sentiment hinges on) as a stranger. So
+    pretrain with --tokenizer ptb for SST and MultiNLI; the movie-review corpus keeps "doesn't" whole."""
     if mode == "whitespace":
         return line.split()
-    return _TOKEN_RE.findall(line)
+    tokens = _TOKEN_RE.findall(line)
+    if mode == "ptb":
+        tokens = [piece for token in tokens for piece in _split_clitic(token)]
+        quotes = itertools.count()                   # PTB quotes: "a" -> `` a ''
+        tokens = [("``", "''")[next(quotes) % 2] if token == '"' else token for token in tokens]
+    return tokens
+
+
+def _split_clitic(token: str) -> tuple[str, ...]:
+    match = _CLITIC_RE.match(token)
+    return match.groups() if match else (token,)
 
 
 def split_long(tokens: list[str], max_length: int) -> list[list[str]]:

@@ -48,7 +48,9 @@ import argparse
 import json
 import os
 import pickle
+import shutil
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field, fields
 
@@ -481,19 +483,80 @@ class ElmoEmbedder(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 # Downstream building blocks shared by train_sst.py and train_mnli.py
 # ---------------------------------------------------------------------------------------------------------
+class LayerCache:
+    """The frozen biLM's layers for every distinct sentence a run will see, computed once before training.
+
+    The biLM is frozen, so its layers are the same every epoch: computing them again is waste. This runs it
+    once over the distinct sentences (sorted by length, up to `batch_tokens` tokens a batch: little padding,
+    large matrix products) and stores them row by row: a sentence of n tokens owns rows
+    [offset, offset + n + 2) of `rows`, each row (L+1, 2P), <S> and </S> included.
+
+    In memory the rows are fp32: what the biLM gives (to float rounding, as batches differ; padding cannot
+    leak, see test_padding_invariance). With `path` they go to a memory-mapped
+    fp16 file instead: half the bytes, paged in and out by the OS, for data whose layers exceed RAM (the
+    mix and the task model then see the layers rounded to fp16, about 3 significant digits)."""
+
+    def __init__(self, elmo: ElmoEmbedder, sentences, path: str | None = None, batch_tokens: int = 8000,
+                 log=None):
+        unique = sorted({tuple(s) for s in sentences}, key=len)
+        self.offsets, n_rows = {}, 0
+        for s in unique:
+            self.offsets[s] = n_rows
+            n_rows += len(s) + 2
+        shape = (n_rows, len(elmo.mixes[0].weights), elmo.output_dim)           # (rows, L+1, 2P)
+        if path is None:
+            self.rows = torch.empty(shape)
+        else:
+            self.rows = torch.from_file(path, shared=True, size=shape[0] * shape[1] * shape[2],
+                                        dtype=torch.float16).view(shape)
+            try:
+                os.remove(path)      # the mapping keeps the data; the file goes when the process ends
+            except OSError:          # (systems that cannot remove an open file leave it for the user)
+                pass
+        self.nbytes = self.rows.numel() * self.rows.element_size()
+        device = next(elmo.bilm.parameters()).device
+        batch, done, reported = [], 0, 0
+        for i, s in enumerate(unique):
+            batch.append(s)
+            if i + 1 < len(unique) and (len(batch) + 1) * (len(unique[i + 1]) + 2) <= batch_tokens:
+                continue
+            layers, _ = elmo.layers(batch_to_ids([list(t) for t in batch]).to(device))
+            stacked = torch.stack(layers, dim=2).to("cpu", self.rows.dtype)       # (B, T+2, L+1, 2P)
+            for b, t in enumerate(batch):
+                self.rows[self.offsets[t]: self.offsets[t] + len(t) + 2] = stacked[b, : len(t) + 2]
+            done, batch = done + len(batch), []
+            if log and done * 10 // len(unique) > reported:
+                reported = done * 10 // len(unique)
+                log(f"  biLM layers cached for {done:,} / {len(unique):,} distinct sentences")
+
+    def __contains__(self, sentence):
+        return tuple(sentence) in self.offsets
+
+    def __len__(self):
+        return len(self.offsets)
+
+    def get(self, sentences):
+        """Token lists (all cached) -> (L+1, B, T+2, 2P) fp32 layers, zero beyond each sentence."""
+        T = max(len(s) for s in sentences) + 2
+        out = torch.zeros(len(sentences), T, *self.rows.shape[1:])               # (B, T+2, L+1, 2P)
+        for b, s in enumerate(sentences):
+            offset = self.offsets[tuple(s)]
+            out[b, : len(s) + 2] = self.rows[offset: offset + len(s) + 2]
+        return out.permute(2, 0, 1, 3)
+
+
 class TokenFeatures(nn.Module):
     """What a task model reads for each token (paper section 3.3): [ELMo_k; x_k], the ELMo mix of a frozen
     biLM (`--elmo PATH` or `random`) next to a trainable, context-independent word embedding x_k. Either
     part can be absent: `--elmo none` is the no-pretraining baseline (x_k only), `--word-dim 0` ELMo only.
 
-    The frozen biLM is the expensive part and gives the same layers every epoch, so with `cache=True` the
-    layers of each distinct sentence are kept after their first computation: later epochs only run the
-    mix and the task model. `forward(sentences)` takes token lists and gives (B, T, output_dim) features
-    and the (B, T) mask."""
+    `forward(sentences)` takes token lists and gives (B, T, output_dim) features and the (B, T) mask. The
+    biLM layers come from `self.cache` (a LayerCache, set by the training scripts) when it holds every
+    sentence of the batch, otherwise from the biLM itself."""
 
     def __init__(self, bilm: BiLM | None = None, word_vocab: list | None = None, word_dim: int = 300,
                  n_outputs: int = 1, layer_norm: bool = False, elmo_dropout: float = 0.5,
-                 word_dropout: float = 0.2, cache: bool = True, cache_dtype=torch.float32):
+                 word_dropout: float = 0.2):
         super().__init__()
         if bilm is None and not (word_vocab and word_dim):
             raise ValueError("TokenFeatures needs a biLM, word embeddings, or both")
@@ -504,26 +567,16 @@ class TokenFeatures(nn.Module):
             self.embed = nn.Embedding(len(word_vocab), word_dim, padding_idx=PAD_ID)
             self.word_dropout = nn.Dropout(word_dropout)
         self.output_dim = (self.elmo.output_dim if self.elmo else 0) + (word_dim if self.embed else 0)
-        self.use_cache, self.cache_dtype = cache, cache_dtype
-        self.cache: dict[tuple, torch.Tensor] = {}   # sentence -> (L+1, T+2, 2P) layers with <S>/</S>
+        self.cache: LayerCache | None = None
 
     def _layers(self, sentences, device):
-        """Frozen biLM layers for a batch, from the cache where possible: (L+1, B, T+2, 2P), mask (B, T+2)."""
-        if not self.use_cache:
-            layers, mask = self.elmo.layers(batch_to_ids(sentences).to(device))
-            return torch.stack(layers), mask
-        missing = list({tuple(s) for s in sentences if tuple(s) not in self.cache})
-        if missing:
-            layers, mask = self.elmo.layers(batch_to_ids([list(s) for s in missing]).to(device))
-            for b, s in enumerate(missing):
-                self.cache[s] = torch.stack([h[b, : len(s) + 2] for h in layers]).to("cpu", self.cache_dtype)
-        T = max(len(s) for s in sentences) + 2
-        out = torch.zeros(len(self.elmo.mixes[0].weights), len(sentences), T, self.elmo.output_dim)
-        for b, s in enumerate(sentences):
-            out[:, b, : len(s) + 2] = self.cache[tuple(s)]
-        lengths = torch.tensor([len(s) + 2 for s in sentences])
-        mask = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
-        return out.to(device), mask.to(device)
+        """Frozen biLM layers for a batch: (L+1, B, T+2, 2P) and the mask (B, T+2)."""
+        if self.cache is not None and all(s in self.cache for s in sentences):
+            layers = self.cache.get(sentences).to(device)
+            lengths = torch.tensor([len(s) + 2 for s in sentences], device=device)
+            return layers, torch.arange(layers.shape[2], device=device).unsqueeze(0) < lengths.unsqueeze(1)
+        layers, mask = self.elmo.layers(batch_to_ids(sentences).to(device))
+        return torch.stack(layers), mask
 
     def forward(self, sentences, output: int = 0):      # token lists -> (B, T, F), (B, T)
         device = next(self.parameters()).device
@@ -543,6 +596,28 @@ class TokenFeatures(nn.Module):
 
     def l2_penalty(self):
         return self.elmo.l2_penalty() if self.elmo is not None else torch.zeros(())
+
+
+def cache_layers(features: TokenFeatures, sentences, choice: str, out: str, log) -> tuple[str, float]:
+    """The scripts' `--cache auto|memory|disk|off`: build features.cache over `sentences` (train + dev).
+    auto = memory (fp32) when it takes under a quarter of RAM, else an fp16 file `<out>.layers` when the
+    disk has room, else off. Returns (what was done, seconds spent)."""
+    if features.elmo is None or choice == "off":
+        return "off", 0.0
+    n_rows = sum(len(s) + 2 for s in {tuple(s) for s in sentences})
+    fp32_bytes = n_rows * len(features.elmo.mixes[0].weights) * features.elmo.output_dim * 4
+    if choice == "auto":
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        free_disk = shutil.disk_usage(os.path.dirname(os.path.abspath(out))).free
+        choice = "memory" if fp32_bytes < ram / 4 else "disk" if fp32_bytes / 2 < free_disk / 2 else "off"
+        if choice == "off":
+            log(f"cache off: the biLM layers need {fp32_bytes / 2 ** 30:.1f} GiB; each epoch recomputes them")
+            return "off", 0.0
+    t = time.time()
+    log(f"caching the frozen biLM's layers ({choice}, {fp32_bytes / 2 ** 30 / (2 if choice == 'disk' else 1):.2f}"
+        f" GiB); later epochs only run the mix and the task model")
+    features.cache = LayerCache(features.elmo, sentences, out + ".layers" if choice == "disk" else None, log=log)
+    return f"{choice} ({features.cache.nbytes / 2 ** 30:.2f} GiB)", time.time() - t
 
 
 def frozen_bilm(elmo: str, preset: str = "cpu", seed: int = 1):

@@ -65,7 +65,9 @@ def parse_args(argv=None):
     g.add_argument("--dataset", default="Salesforce/wikitext", help="hub data set used without --train-file")
     g.add_argument("--dataset-config", default="wikitext-103-raw-v1", help="its configuration")
     g.add_argument("--tokenizer", default="auto", choices=["auto", *data.TOKENIZERS], help="'whitespace' "
-                   "for tokenised text, 'regex' for raw; auto = whitespace for files, regex for the hub")
+                   "for tokenised text, 'regex' for raw, 'ptb' = regex + Penn Treebank clitics (\"does n't\", "
+                   "as SST; use it when the biLM is for SST or MultiNLI); auto = whitespace for files, regex "
+                   "for the hub")
     g.add_argument("--max-length", type=int, default=100, help="split sentences longer than this (tokens)")
     g.add_argument("--encoding", default="utf-8", help="text encoding of the input files")
     g.add_argument("--skip-bad-lines", action="store_true", help="skip lines that do not decode (counted)")

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 import data
 from data import UserError
 from elmo import (CHECKPOINT_FORMAT, PRESETS, ArgumentParser, BiLM, BiLstmEncoder, ELMoConfig, TokenFeatures,
-                  abort_nonfinite, all_finite, atomic_save, fmt_time, frozen_bilm, last_path, load_checkpoint,
-                  load_task_state, pick_device, pool, run_main, write_metrics)
+                  abort_nonfinite, all_finite, atomic_save, cache_layers, fmt_time, frozen_bilm, last_path,
+                  load_checkpoint, load_task_state, pick_device, pool, run_main, write_metrics)
 
 LABELS = {"sst2": ["negative", "positive"],
           "sst5": ["very negative", "negative", "neutral", "positive", "very positive"]}
@@ -80,8 +80,10 @@ def parse_args(argv=None):
     g.add_argument("--eval-every", type=int, default=0, help="steps between dev evaluations (0 = each epoch)")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    g.add_argument("--cache", default="auto", choices=["auto", "on", "off"], help="keep the frozen biLM "
-                   "layers of each sentence after the first epoch (auto: on when it fits in a quarter of RAM)")
+    g.add_argument("--cache", default="auto", choices=["auto", "memory", "disk", "off"], help="compute the "
+                   "frozen biLM's layers once, before training: 'memory' (fp32, exact) or 'disk' (fp16 "
+                   "memory-mapped file, for data larger than RAM); auto = memory when it needs under a "
+                   "quarter of RAM, else disk")
     g.add_argument("--threads", type=int, default=0)
     g.add_argument("--seed", type=int, default=1)
     g.add_argument("--log-every", type=int, default=100)
@@ -198,7 +200,7 @@ class SentenceClassifier(nn.Module):
         return self.mlp(pool(self.encoder(x, mask), mask, self.pooling))
 
 
-def build_model(spec: dict, bilm_state=None, cache=True):
+def build_model(spec: dict, bilm_state=None):
     """The classifier from a spec (stored in checkpoints as plain values), with its biLM if any."""
     bilm = None
     if spec["bilm_config"] is not None:
@@ -206,7 +208,7 @@ def build_model(spec: dict, bilm_state=None, cache=True):
         if bilm_state is not None:
             bilm.load_state_dict(bilm_state)
     features = TokenFeatures(bilm, spec["word_vocab"], spec["word_dim"], layer_norm=spec["layer_norm"],
-                             elmo_dropout=spec["elmo_dropout"], word_dropout=spec["dropout"], cache=cache)
+                             elmo_dropout=spec["elmo_dropout"], word_dropout=spec["dropout"])
     return SentenceClassifier(features, len(spec["labels"]), spec["encoder"], spec["hidden"], spec["pooling"],
                               spec["dropout"])
 
@@ -230,7 +232,7 @@ def evaluate(model, examples, batch_size):
 
 def load_classifier(path, device):
     ckpt = load_checkpoint(path, "sst")
-    model = build_model(ckpt["spec"], ckpt["bilm"], cache=False)
+    model = build_model(ckpt["spec"], ckpt["bilm"])
     load_task_state(model, ckpt["model"])
     return ckpt, model.to(device).eval()
 
@@ -253,7 +255,8 @@ def main(argv=None):
         ckpt, model = load_classifier(args.ckpt, device)
         labels = ckpt["spec"]["labels"]
         if args.predict is not None:
-            tokens = data.tokenize(args.predict, "regex")
+            text = args.predict.lower() if ckpt["spec"].get("lowercase") else args.predict
+            tokens = data.tokenize(text, "ptb")                 # SST is PTB-tokenised: "does n't"
             if not tokens:
                 raise UserError("--predict needs some text")
             with torch.no_grad():
@@ -299,17 +302,11 @@ def main(argv=None):
         spec = {"task": args.task, "labels": labels, "bilm_config": asdict(bilm.config) if bilm else None,
                 "word_vocab": word_vocab, "word_dim": args.word_dim, "layer_norm": args.layer_norm,
                 "elmo_dropout": args.elmo_dropout, "encoder": args.encoder, "hidden": args.hidden,
-                "pooling": args.pooling, "dropout": args.dropout, "elmo": described}
+                "pooling": args.pooling, "dropout": args.dropout, "elmo": described,
+                "lowercase": all(w == w.lower() for tokens, _ in train for w in tokens)}   # SST-2 is
         bilm_state = bilm.state_dict() if bilm else None
-    n_cached = sum(len(t) + 2 for t, _ in train) + sum(len(t) + 2 for t, _ in dev)
-    cache_bytes = 0
-    if spec["bilm_config"]:
-        c = spec["bilm_config"]
-        cache_bytes = n_cached * (c["n_layers"] + 1) * 2 * c["projection_dim"] * 4
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    cache = args.cache == "on" or (args.cache == "auto" and cache_bytes < ram / 4)
     torch.manual_seed(args.seed)
-    model = build_model(spec, bilm_state, cache=cache).to(device)
+    model = build_model(spec, bilm_state).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     frozen_before = {k: v.clone() for k, v in model.features.elmo.bilm.state_dict().items()} \
         if model.features.elmo is not None else {}
@@ -323,9 +320,12 @@ def main(argv=None):
         trained_s, best, bad_evals = resume["trained_seconds"], resume["best"], resume["bad_evals"]
         torch.set_rng_state(resume["rng"]["torch"])
         log(f"resumed from {last}: step {step}, epoch {epoch + 1}, best dev accuracy {100 * best:.2f}%")
-    log(f"device {device} | elmo {spec['elmo']} | words {spec['word_dim'] if spec['word_vocab'] else 0}d | encoder {spec['encoder']} | cache "
-        f"{'on' if cache else 'off'} ({cache_bytes / 2 ** 30:.2f} GiB) | trainable parameters "
-        f"{sum(p.numel() for p in trainable):,}")
+    log(f"device {device} | elmo {spec['elmo']} | words {spec['word_dim'] if spec['word_vocab'] else 0}d | "
+        f"encoder {spec['encoder']} | trainable parameters {sum(p.numel() for p in trainable):,}")
+    cached, cache_s = cache_layers(model.features, [t for t, _ in train + dev], args.cache, args.out, log)
+    trained_s += cache_s              # the time budget pays for the cache: it is part of what ELMo costs
+    if cache_s:
+        log(f"cache {cached} in {cache_s:.0f}s")
 
     def checkpoint(path):
         if not all_finite(model):
@@ -350,9 +350,11 @@ def main(argv=None):
     lengths = torch.tensor([len(t) for t, _ in train])
     budget_s = args.max_minutes * 60
     metrics, best_metrics, window = None, None, {"loss": 0.0, "correct": 0, "n": 0, "steps": 0, "t": time.time()}
+    evaluated_at = -1
 
     def run_eval(tag):
-        nonlocal best, bad_evals, metrics, best_metrics
+        nonlocal best, bad_evals, metrics, best_metrics, evaluated_at
+        evaluated_at = step
         t = time.time()
         metrics = evaluate(model, dev, args.batch_size)
         improved = metrics["accuracy"] > best
@@ -368,7 +370,7 @@ def main(argv=None):
     done = False
     while not done and epoch < args.epochs:
         batches = data.bucket_batches(lengths, 10 ** 9, args.seed + epoch, max_sentences=args.batch_size)
-        epoch_started = trained_s     # epoch 1 fills the biLM cache; later epochs show what it saves
+        epoch_started = trained_s
         while batch_in_epoch < len(batches):
             t_step = time.time()
             batch = batches[batch_in_epoch]
@@ -421,7 +423,7 @@ def main(argv=None):
     if stop["signal"]:
         log(f"stopped by {stop['signal']} at step {step}; saved {last}. Resume with the same command plus --resume")
         return
-    if metrics is None or batch_in_epoch:        # the budget ended mid-epoch: evaluate what we have
+    if evaluated_at != step:                     # steps since the last evaluation: evaluate what we have
         run_eval("final")
     if not os.path.exists(args.out):
         checkpoint(args.out)
