@@ -598,26 +598,28 @@ class TokenFeatures(nn.Module):
         return self.elmo.l2_penalty() if self.elmo is not None else torch.zeros(())
 
 
-def cache_layers(features: TokenFeatures, sentences, choice: str, out: str, log) -> tuple[str, float]:
+def cache_layers(features: TokenFeatures, sentences, choice: str, out: str, log) -> float:
     """The scripts' `--cache auto|memory|disk|off`: build features.cache over `sentences` (train + dev).
     auto = memory (fp32) when it takes under a quarter of RAM, else an fp16 file `<out>.layers` when the
-    disk has room, else off. Returns (what was done, seconds spent)."""
+    disk has room, else off. Returns the seconds spent."""
     if features.elmo is None or choice == "off":
-        return "off", 0.0
-    n_rows = sum(len(s) + 2 for s in {tuple(s) for s in sentences})
-    fp32_bytes = n_rows * len(features.elmo.mixes[0].weights) * features.elmo.output_dim * 4
+        return 0.0
+    unique = {tuple(s) for s in sentences}
+    fp32_bytes = sum(len(s) + 2 for s in unique) * len(features.elmo.mixes[0].weights) * features.elmo.output_dim * 4
     if choice == "auto":
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         free_disk = shutil.disk_usage(os.path.dirname(os.path.abspath(out))).free
         choice = "memory" if fp32_bytes < ram / 4 else "disk" if fp32_bytes / 2 < free_disk / 2 else "off"
         if choice == "off":
             log(f"cache off: the biLM layers need {fp32_bytes / 2 ** 30:.1f} GiB; each epoch recomputes them")
-            return "off", 0.0
+            return 0.0
     t = time.time()
     log(f"caching the frozen biLM's layers ({choice}, {fp32_bytes / 2 ** 30 / (2 if choice == 'disk' else 1):.2f}"
-        f" GiB); later epochs only run the mix and the task model")
-    features.cache = LayerCache(features.elmo, sentences, out + ".layers" if choice == "disk" else None, log=log)
-    return f"{choice} ({features.cache.nbytes / 2 ** 30:.2f} GiB)", time.time() - t
+        f" GiB); every epoch then runs only the mix and the task model")
+    features.cache = LayerCache(features.elmo, unique, out + ".layers" if choice == "disk" else None, log=log)
+    seconds = time.time() - t
+    log(f"cache {choice} ({features.cache.nbytes / 2 ** 30:.2f} GiB) in {seconds:.0f}s")
+    return seconds
 
 
 def frozen_bilm(elmo: str, preset: str = "cpu", seed: int = 1):

@@ -621,6 +621,15 @@ def _wait_for(proc, text, timeout=120):
     raise AssertionError(f"never saw {text!r}:\n{seen}")
 
 
+def assert_resumed_equals_full(tmp_path, steps):
+    """The resume tests' verdict: cut.last.pt (stopped, then resumed) holds the parameters of full.last.pt."""
+    full = torch.load(tmp_path / "full.last.pt", weights_only=True)
+    cut = torch.load(tmp_path / "cut.last.pt", weights_only=True)
+    assert full["step"] == cut["step"] == steps
+    for k, v in full["model"].items():
+        assert torch.allclose(v, cut["model"][k], atol=1e-6, rtol=0), k
+
+
 @pytest.mark.slow
 def test_sigint_then_resume_equals_uninterrupted(tiny_files, tmp_path):
     """Catches resume bugs (optimizer state, step counter, data position, RNG for dropout, lr schedule):
@@ -642,11 +651,7 @@ def test_sigint_then_resume_equals_uninterrupted(tiny_files, tmp_path):
     assert 9 <= stopped < 24
     r = run_script("train_lm.py", *common, "--out", tmp_path / "cut.pt", "--resume")
     assert r.returncode == 0, r.stderr
-    full = torch.load(tmp_path / "full.last.pt", weights_only=True)
-    cut = torch.load(tmp_path / "cut.last.pt", weights_only=True)
-    assert full["step"] == cut["step"] == 24
-    for k, v in full["model"].items():
-        assert torch.allclose(v, cut["model"][k], atol=1e-6, rtol=0), k
+    assert_resumed_equals_full(tmp_path, 24)
 
 
 def test_nan_loss_stops_without_overwriting(tiny_files, tmp_path):
@@ -769,11 +774,7 @@ def test_downstream_resume_equals_uninterrupted(tiny_lm, task_files, tmp_path):
     assert r.returncode == 0, r.stderr
     r = run_script("train_sst.py", *common, "--max-steps", 16, "--out", tmp_path / "cut.pt", "--resume")
     assert r.returncode == 0, r.stderr
-    full = torch.load(tmp_path / "full.last.pt", weights_only=True)
-    cut = torch.load(tmp_path / "cut.last.pt", weights_only=True)
-    assert full["step"] == cut["step"] == 16
-    for k, v in full["model"].items():
-        assert torch.allclose(v, cut["model"][k], atol=1e-6, rtol=0), k
+    assert_resumed_equals_full(tmp_path, 16)
 
 
 @pytest.mark.parametrize("where", ["memory", "disk"])
