@@ -621,6 +621,21 @@ def _wait_for(proc, text, timeout=120):
     raise AssertionError(f"never saw {text!r}:\n{seen}")
 
 
+def test_last_checkpoint_knows_the_final_best(tiny_files, tmp_path):
+    """Catches <out>.last.pt written before the final evaluation: a later --resume would then start from a
+    stale best perplexity and could overwrite a better best checkpoint with a worse one. Four steps end
+    inside the first epoch, so the final evaluation is the only one."""
+    out, metrics = tmp_path / "four.pt", tmp_path / "four.json"
+    r = run_script("train_lm.py", "--preset", "tiny", "--train-file", tiny_files / "train.txt",
+                   "--valid-file", tiny_files / "valid.txt", "--max-steps", 4, "--batch-tokens", 300,
+                   "--threads", 1, "--out", out, "--metrics-json", metrics)
+    assert r.returncode == 0, r.stderr
+    last = torch.load(tmp_path / "four.last.pt", weights_only=True)
+    assert last["epoch"] == 0 and last["step"] == 4
+    assert math.isclose(last["best"], json.loads(metrics.read_text())["ppl"], rel_tol=1e-6)
+    assert last["best"] == torch.load(out, weights_only=True)["best"]
+
+
 def assert_resumed_equals_full(tmp_path, steps):
     """The resume tests' verdict: cut.last.pt (stopped, then resumed) holds the parameters of full.last.pt."""
     full = torch.load(tmp_path / "full.last.pt", weights_only=True)
@@ -772,6 +787,9 @@ def test_downstream_resume_equals_uninterrupted(tiny_lm, task_files, tmp_path):
     assert r.returncode == 0, r.stderr
     r = run_script("train_sst.py", *common, "--max-steps", 11, "--out", tmp_path / "cut.pt")
     assert r.returncode == 0, r.stderr
+    # the final evaluation (step 11) is recorded in the last checkpoint too, so the resumed run knows it
+    assert torch.load(tmp_path / "cut.last.pt", weights_only=True)["best"] == \
+        torch.load(tmp_path / "cut.pt", weights_only=True)["best"]
     r = run_script("train_sst.py", *common, "--max-steps", 16, "--out", tmp_path / "cut.pt", "--resume")
     assert r.returncode == 0, r.stderr
     assert_resumed_equals_full(tmp_path, 16)

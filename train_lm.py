@@ -384,14 +384,15 @@ def main(argv=None):
             done = done or epoch >= args.epochs
 
     # ---- end: final evaluation and checkpoints ------------------------------------------------------
-    checkpoint(last_path(args.out))
     if stop["signal"]:
+        checkpoint(last_path(args.out))
         log(f"stopped by {stop['signal']} at step {step}; saved {last_path(args.out)}. Resume with the same "
             f"command plus --resume")
         return
     result = run_eval("final")
     if result is None or result[1]:
         checkpoint(args.out)
+    checkpoint(last_path(args.out))      # after the final evaluation, so --resume knows the final best
     if result:
         metrics = result[0]
         write_metrics(args.metrics_json, {**metrics, "step": step, "trained_seconds": round(trained_s, 1)})

@@ -417,12 +417,13 @@ def main(argv=None):
     if frozen_before:
         after = model.features.elmo.bilm.state_dict()
         assert all(torch.equal(v, after[k]) for k, v in frozen_before.items()), "the frozen biLM changed"
-    checkpoint(last)
     if stop["signal"]:
+        checkpoint(last)
         log(f"stopped by {stop['signal']} at step {step}; saved {last}. Resume with the same command plus --resume")
         return
     if evaluated_at != step:                     # steps since the last evaluation: evaluate what we have
         run_eval("final")
+    checkpoint(last)                             # after the final evaluation, so --resume knows the final best
     if not os.path.exists(args.out):
         checkpoint(args.out)
     write_metrics(args.metrics_json, {**(best_metrics or {"accuracy": best}), "step": step,
