@@ -569,6 +569,18 @@ class TokenFeatures(nn.Module):
         self.output_dim = (self.elmo.output_dim if self.elmo else 0) + (word_dim if self.embed else 0)
         self.cache: LayerCache | None = None
 
+    @classmethod
+    def from_spec(cls, spec: dict, bilm_state: dict | None = None) -> "TokenFeatures":
+        """Rebuild from a classifier checkpoint's plain-value spec (and the frozen biLM's weights, stored
+        there once): what train_sst.py and train_mnli.py share when they build or load a model."""
+        bilm = None
+        if spec["bilm_config"] is not None:
+            bilm = BiLM(ELMoConfig.from_dict(spec["bilm_config"]))
+            if bilm_state is not None:
+                bilm.load_state_dict(bilm_state)
+        return cls(bilm, spec["word_vocab"], spec["word_dim"], layer_norm=spec["layer_norm"],
+                   elmo_dropout=spec["elmo_dropout"], word_dropout=spec["dropout"])
+
     def _layers(self, sentences, device):
         """Frozen biLM layers for a batch: (L+1, B, T+2, 2P) and the mask (B, T+2)."""
         if self.cache is not None and all(s in self.cache for s in sentences):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import data
 from data import UserError
-from elmo import (CHECKPOINT_FORMAT, PRESETS, ArgumentParser, BiLM, BiLstmEncoder, ELMoConfig, TokenFeatures,
+from elmo import (CHECKPOINT_FORMAT, PRESETS, ArgumentParser, BiLstmEncoder, TokenFeatures,
                   abort_nonfinite, all_finite, atomic_save, cache_layers, fmt_time, frozen_bilm, last_path,
                   load_checkpoint, load_task_state, pick_device, pool, run_main, write_metrics)
 
@@ -199,13 +199,7 @@ class PairClassifier(nn.Module):
 
 def build_model(spec: dict, bilm_state=None):
     """The classifier from a spec (stored in checkpoints as plain values), with its biLM if any."""
-    bilm = None
-    if spec["bilm_config"] is not None:
-        bilm = BiLM(ELMoConfig.from_dict(spec["bilm_config"]))
-        if bilm_state is not None:
-            bilm.load_state_dict(bilm_state)
-    features = TokenFeatures(bilm, spec["word_vocab"], spec["word_dim"], layer_norm=spec["layer_norm"],
-                             elmo_dropout=spec["elmo_dropout"], word_dropout=spec["dropout"])
+    features = TokenFeatures.from_spec(spec, bilm_state)
     return PairClassifier(features, len(spec["labels"]), spec["encoder"], spec["hidden"], spec["pooling"],
                           spec["dropout"], spec["cross_attention"])
 
