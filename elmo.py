@@ -255,6 +255,11 @@ class LstmLayer(nn.Module):
         return torch.stack(outputs, dim=1)              # T x (B, P) -> (B, T, P)
 
 
+def length_mask(lengths, T: int):
+    """(B,) lengths -> (B, T) bool mask, True at the first lengths[b] positions of row b."""
+    return torch.arange(T, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+
+
 def reverse_within_length(x, lengths):
     """Reverse each row's first `lengths[b]` steps and leave its padding where it is: (B, T, ...) -> same.
     The backward LSTM reads the reversed sentence forwards, so it starts at the sentence's last real token,
@@ -338,7 +343,7 @@ class BiLM(nn.Module):
             bos, eos = BOS_WORD_ID, EOS_WORD_ID
         out[:, 0] = bos
         out[rows, lengths + 1] = eos
-        mask = torch.arange(out.shape[1], device=inputs.device).unsqueeze(0) < (lengths + 2).unsqueeze(1)
+        mask = length_mask(lengths + 2, out.shape[1])
         return out, mask, lengths + 2
 
     def encode(self, inputs):
@@ -385,7 +390,7 @@ class BiLM(nn.Module):
         # token j. Which j exist comes from the *inputs*' lengths: a mask from the targets alone
         # (`bwd_y != PAD`) would also ask the backward output at the padding after </S> to predict </S>.
         # A PAD target skips one prediction (the leakage tests use that).
-        real = torch.arange(fwd_y.shape[1], device=targets.device) < (lengths - 1).unsqueeze(1)   # (B, T+1)
+        real = length_mask(lengths - 1, fwd_y.shape[1])                          # (B, T+1)
         fwd_keep, bwd_keep = real & (fwd_y != PAD_ID), real & (bwd_y != PAD_ID)
         nll_f = self.token_nll(fwd_h[:, :-1][fwd_keep], fwd_y[fwd_keep])         # (n, P) -> ()
         nll_b = self.token_nll(bwd_h[:, 1:][bwd_keep], bwd_y[bwd_keep])
@@ -402,7 +407,7 @@ def remove_boundaries(x, mask_bos_eos):
     `remove_sentence_boundaries`)."""
     lengths = mask_bos_eos.sum(dim=1) - 2                                # (B,)
     out = x[:, 1:-1].clone()                                             # (B, T, ...)
-    keep = torch.arange(out.shape[1], device=x.device).unsqueeze(0) < lengths.unsqueeze(1)
+    keep = length_mask(lengths, out.shape[1])                            # (B, T)
     return out * keep.view(*keep.shape, *([1] * (x.dim() - 2))).to(out.dtype)
 
 
@@ -586,15 +591,14 @@ class TokenFeatures(nn.Module):
         if self.cache is not None and all(s in self.cache for s in sentences):
             layers = self.cache.get(sentences).to(device)
             lengths = torch.tensor([len(s) + 2 for s in sentences], device=device)
-            return layers, torch.arange(layers.shape[2], device=device).unsqueeze(0) < lengths.unsqueeze(1)
+            return layers, length_mask(lengths, layers.shape[2])
         layers, mask = self.elmo.layers(batch_to_ids(sentences).to(device))
         return torch.stack(layers), mask
 
     def forward(self, sentences, output: int = 0):      # token lists -> (B, T, F), (B, T)
         device = next(self.parameters()).device
         T = max(len(s) for s in sentences)
-        mask = torch.arange(T, device=device).unsqueeze(0) < torch.tensor([len(s) for s in sentences],
-                                                                          device=device).unsqueeze(1)
+        mask = length_mask(torch.tensor([len(s) for s in sentences], device=device), T)     # (B, T)
         parts = []
         if self.elmo is not None:
             layers, mask_bos_eos = self._layers(sentences, device)              # (L+1, B, T+2, 2P)
