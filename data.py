@@ -16,10 +16,15 @@ splits and `encode_corpus` packs into one flat int32 tensor of token-type ids (m
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import os
 import random
 import re
+import shutil
+import tempfile
+import time
 
 import torch
 
@@ -181,61 +186,94 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def read_corpus(paths: list[str], tokenizer: str, max_length: int, encoding="utf-8",
-                skip_bad_lines=False, log=print) -> list[list[str]]:
-    """Local text files, one sentence a line -> list of token lists. Blank lines are skipped; sentences
-    longer than max_length are split (counted and reported once); an empty result is an error."""
-    sentences, stats, n_split = [], {}, 0
-    for path in paths:
-        for _, line in read_lines(path, encoding, skip_bad_lines, stats):
-            tokens = tokenize(line, tokenizer)
-            if tokens:
-                pieces = split_long(tokens, max_length)
-                n_split += len(pieces) > 1
-                sentences.extend(pieces)
-    if stats.get("skipped"):
-        log(f"skipped {stats['skipped']:,} undecodable lines (--skip-bad-lines)")
-    if n_split:
-        log(f"split {n_split:,} sentences longer than --max-length {max_length} tokens")
-    if not sentences:
-        raise UserError(f"no usable text in {', '.join(paths)} (empty, or only blank lines)")
-    return sentences
+# ---------------------------------------------------------------------------------------------------------
+# Vocabulary and corpora: one stream of token-type ids, in memory or memory-mapped from a token shard
+# ---------------------------------------------------------------------------------------------------------
+def word_list(counts: dict[str, int]) -> list[str]:
+    """SPECIALS, then every other word by falling frequency (ties: first seen, the order `counts` keeps).
+    An LM vocabulary of size V is this list's first V words, so one list serves every --vocab-size. A
+    literal `<unk>` in the text (PTB) is the same `<unk>`."""
+    return SPECIALS + sorted((w for w in counts if w not in SPECIALS), key=lambda w: -counts[w])
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Vocabulary and corpus encoding
-# ---------------------------------------------------------------------------------------------------------
 def build_vocab(sentences: list[list[str]], max_size: int) -> list[str]:
-    """The LM softmax vocabulary: SPECIALS, then the most frequent training tokens (ties: first seen), at
-    most max_size words in all. A literal `<unk>` in the text (PTB) is the same `<unk>`."""
+    """The LM softmax vocabulary: SPECIALS, then the most frequent tokens, at most max_size words in all."""
     counts: dict[str, int] = {}
     for sentence in sentences:
         for w in sentence:
             counts[w] = counts.get(w, 0) + 1
-    words = sorted((w for w in counts if w not in SPECIALS), key=lambda w: -counts[w])
-    return SPECIALS + words[: max(0, max_size - len(SPECIALS))]
+    return word_list(counts)[: max(len(SPECIALS), max_size)]
+
+
+def char_table(words: list[str]) -> torch.Tensor:
+    """Every word's character ids at once: (n_words, W) int16, row i == word_to_char_ids(words[i]).
+    Vectorised (one byte string, one scatter), because a 1B-word corpus has ~800k distinct words."""
+    encoded = [w.encode("utf-8", "ignore")[: MAX_CHARS - 2] for w in words]
+    n = torch.tensor([len(b) for b in encoded], dtype=torch.long)                  # (n_words,)
+    table = torch.full((len(words), MAX_CHARS), PAD_CHAR, dtype=torch.int16)
+    table[:, 0] = BOW_CHAR
+    if int(n.sum()):
+        flat = torch.frombuffer(bytearray(b"".join(encoded)), dtype=torch.uint8).to(torch.int16)
+        rows = torch.repeat_interleave(torch.arange(len(words)), n)                # the word of each byte
+        cols = torch.arange(len(flat)) - torch.repeat_interleave(n.cumsum(0) - n, n) + 1
+        table[rows, cols] = flat
+    table[torch.arange(len(words)), n + 1] = EOW_CHAR
+    table += 1                                                                      # 0 = "no token"
+    for i, w in enumerate(words):
+        if w in (BOS_TOKEN, EOS_TOKEN):                                             # one-"character" words
+            table[i] = torch.tensor(word_to_char_ids(w), dtype=torch.int16)
+    return table
 
 
 class Corpus:
-    """Sentences packed for speed and memory: token *types* (distinct strings) with their character ids and
-    LM-vocabulary ids computed once, and the text as one flat int32 tensor of type ids with offsets."""
+    """A tokenised corpus as one stream of token-type ids: every sentence as <S> w_1 .. w_n </S>, one after
+    the other. The stream serves both training contexts: `batch` cuts it back into whole sentences
+    (--context sentence), `window` reads fixed windows of it (--context stream).
 
-    def __init__(self, sentences: list[list[str]], vocab: list[str]):
-        type_index: dict[str, int] = {}
-        flat, lengths = [], []
-        for sentence in sentences:
-            lengths.append(len(sentence))
-            flat.extend(type_index.setdefault(w, len(type_index)) for w in sentence)
-        self.types = list(type_index)                                           # type id -> string
-        self.lengths = torch.tensor(lengths, dtype=torch.long)                  # (S,)
-        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), self.lengths.cumsum(0)])
-        self.tokens = torch.tensor(flat, dtype=torch.int32)                     # (total,)
+    `types` is the corpus's own word list (SPECIALS first, so type 1 is <S> and type 2 is </S>) and covers
+    every word of the corpus: the character CNN sees every word's spelling (`type_chars`), and only the
+    softmax target of a word outside the LM vocabulary becomes <unk> (`type_vocab`). The stream is int32
+    (4 bytes a token), in memory (`from_sentences`) or memory-mapped from a token shard (`open_shard`), so
+    reading a window touches only that window's pages."""
+
+    def __init__(self, stream: torch.Tensor, lengths: torch.Tensor, types: list[str], counts: list[int],
+                 vocab: list[str]):
+        self.stream = stream                                                    # (N,) int32 type ids
+        self.lengths = lengths.long()                                           # (S,) words per sentence
+        self.offsets = torch.cumsum(self.lengths + 2, 0) - (self.lengths + 2)   # (S,) where each <S> is
+        self.types = types                                                      # type id -> string
         stoi = {w: i for i, w in enumerate(vocab)}
         unk = stoi[UNK_TOKEN]
         # per type: its character ids (for the CNN) and its LM-vocabulary id (the softmax target)
-        self.type_chars = torch.tensor([word_to_char_ids(w) for w in self.types], dtype=torch.long)
-        self.type_vocab = torch.tensor([stoi.get(w, unk) for w in self.types], dtype=torch.long)
-        self.n_unk = int((self.type_vocab[self.tokens.long()] == unk).sum()) if len(flat) else 0
+        self.type_chars = char_table(types)                                     # (types, W) int16
+        self.type_vocab = torch.tensor([stoi.get(w, unk) for w in types], dtype=torch.long)
+        self.n_unk = sum(c for c, v in zip(counts, self.type_vocab.tolist()) if v == unk)   # no pass over N
+
+    @classmethod
+    def from_sentences(cls, sentences: list[list[str]], vocab: list[str]) -> "Corpus":
+        """Token lists -> an in-memory corpus (tests, small files)."""
+        counts: dict[str, int] = dict.fromkeys(SPECIALS, 0)
+        for sentence in sentences:
+            for w in sentence:
+                counts[w] = counts.get(w, 0) + 1
+        types = word_list(counts)
+        index = {w: i for i, w in enumerate(types)}
+        bos, eos = index[BOS_TOKEN], index[EOS_TOKEN]
+        stream = [i for s in sentences for i in (bos, *(index[w] for w in s), eos)]
+        return cls(torch.tensor(stream, dtype=torch.int32), torch.tensor([len(s) for s in sentences]),
+                   types, [counts[w] for w in types], vocab)
+
+    @classmethod
+    def open_shard(cls, path: str, vocab: list[str]) -> "Corpus":
+        """A token shard folder (see `token_shard`) -> a corpus whose stream is memory-mapped, not read."""
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+        types, counts = shard_words(path)
+        stream = torch.from_file(os.path.join(path, "tokens.i32"), shared=False, size=meta["stream_length"],
+                                 dtype=torch.int32)
+        lengths = torch.from_file(os.path.join(path, "lengths.i32"), shared=False, size=meta["sentences"],
+                                  dtype=torch.int32)
+        return cls(stream, lengths, types, counts, vocab)
 
     def __len__(self):
         return len(self.lengths)
@@ -244,26 +282,47 @@ class Corpus:
     def n_tokens(self) -> int:
         return int(self.lengths.sum())
 
+    def _inputs(self, types, char_inputs: bool):
+        """Type ids (-1 = no token) -> char ids (..., W) or LM-vocabulary ids (...), 0 where no token."""
+        real, safe = types >= 0, types.clamp(min=0)
+        if char_inputs:
+            return torch.where(real.unsqueeze(-1), self.type_chars[safe].long(), PAD_ID)
+        return torch.where(real, self.type_vocab[safe], PAD_ID)
+
     def batch(self, indices: list[int], char_inputs: bool):
         """Sentences `indices` -> model inputs (B, T, W) char ids or (B, T) vocab ids, and LM targets
         (B, T+2) = vocab ids of <S> w_1 .. w_n </S>, PAD_ID after."""
-        lengths = self.lengths[indices]
+        lengths = self.lengths[indices]                                          # (B,)
         B, T = len(indices), int(lengths.max())
-        types = torch.full((B, T), -1, dtype=torch.long)
-        for b, i in enumerate(indices):
-            types[b, : lengths[b]] = self.tokens[self.offsets[i]: self.offsets[i + 1]]
-        real = types >= 0
-        safe = types.clamp(min=0)
-        vocab_ids = torch.where(real, self.type_vocab[safe], PAD_ID)                 # (B, T)
+        steps = torch.arange(T).unsqueeze(0)                                     # (1, T)
+        positions = self.offsets[indices].unsqueeze(1) + 1 + steps               # (B, T): after each <S>
+        real = steps < lengths.unsqueeze(1)
+        types = torch.where(real, self.stream[positions.clamp(max=len(self.stream) - 1)].long(), -1)
         targets = torch.zeros(B, T + 2, dtype=torch.long)
-        targets[:, 1:-1] = vocab_ids
+        targets[:, 1:-1] = self._inputs(types, char_inputs=False)
         targets[:, 0] = SPECIALS.index(BOS_TOKEN)
         targets[torch.arange(B), lengths + 1] = SPECIALS.index(EOS_TOKEN)
-        if char_inputs:
-            inputs = torch.where(real.unsqueeze(-1), self.type_chars[safe], PAD_ID)  # (B, T, W)
-        else:
-            inputs = vocab_ids
-        return inputs, targets
+        return self._inputs(types, char_inputs), targets
+
+    def window(self, starts: torch.Tensor, length: int, char_inputs: bool, backward: bool = False):
+        """One window of the token stream per row: row b reads `length` tokens from position starts[b] on,
+        and each token's target is the next one in reading order. backward=True reads the stream from its
+        end (position r of the reversed stream is N-1-r of the stream): the backward LM is a forward LM of
+        the reversed text, so its carried state holds what *follows* a word, its true history.
+        Returns inputs (B, length, W) or (B, length), and targets (B, length), PAD_ID (not scored) past
+        the stream's ends and where the target only restarts a sentence: a forward `</S>` is always
+        followed by `<S>` (a backward `<S>` by `</S>`), so there is nothing to learn there, and the count
+        of predictions stays n + 1 per sentence and direction, as in sentence mode."""
+        N = len(self.stream)
+        positions = starts.long().unsqueeze(1) + torch.arange(length + 1)          # (B, length + 1)
+        if backward:
+            positions = N - 1 - positions
+        real = (positions >= 0) & (positions < N)
+        types = torch.where(real, self.stream[positions.clamp(0, N - 1)].long(), -1)
+        x, y = types[:, :-1], types[:, 1:]                                          # (B, length) each
+        restart = SPECIALS.index(EOS_TOKEN if backward else BOS_TOKEN)
+        targets = torch.where(y == restart, PAD_ID, self._inputs(y, char_inputs=False))
+        return self._inputs(x, char_inputs), targets
 
 
 def bucket_batches(lengths: torch.Tensor, batch_tokens: int, seed: int, shuffle: bool = True,
@@ -293,6 +352,203 @@ def bucket_batches(lengths: torch.Tensor, batch_tokens: int, seed: int, shuffle:
     if shuffle:
         rng.shuffle(batches)
     return batches
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Token shards: a corpus tokenised once into a memory-mapped file, reused by later runs and by --resume
+# ---------------------------------------------------------------------------------------------------------
+SHARD_FORMAT = "elmo-shard/1"   # bump when the files' layout changes: old shards are then rebuilt
+
+
+def default_cache_dir() -> str:
+    """--data-cache default: $ELMO_DATA_CACHE, else $XDG_CACHE_HOME/elmo-pytorch, else ~/.cache/elmo-pytorch."""
+    if os.environ.get("ELMO_DATA_CACHE"):
+        return os.environ["ELMO_DATA_CACHE"]
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "elmo-pytorch")
+
+
+def token_shard(source: dict, cache_dir: str, tokenizer: str, max_length: int, encoding: str = "utf-8",
+                skip_bad_lines: bool = False, workers: int = 0, log=print) -> str:
+    """The folder holding `source`'s token shard, built on first use. source: {"files": [paths]} or
+    {"dataset": name, "config": config, "split": split, "local_flags": "..."} (a hub data set).
+
+    The folder is named by the inputs (local files: path, size and modification time, so an edited file
+    gets a new shard), the tokenizer and --max-length. Not by the vocabulary size: the shard keeps the
+    corpus's whole frequency-sorted word list, and a vocabulary of size V is its first V words. Files:
+      tokens.i32   the stream, every sentence as <S> w_1 .. w_n </S>, int32 ids into words.tsv
+      lengths.i32  words per sentence (for --context sentence)
+      words.tsv    word<TAB>count, SPECIALS first, then by falling frequency
+      meta.json    what was built from what; written last, so a folder without it is not a shard
+    Built in a temporary folder and renamed into place: an interrupted build leaves no half shard."""
+    if "files" in source:
+        files = [os.path.abspath(check_file(p)) for p in source["files"]]
+        described = [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in files]
+        label = os.path.basename(files[0]) + (f"+{len(files) - 1}" if len(files) > 1 else "")
+        source = {**source, "files": files}
+    else:
+        described = [source["dataset"], source["config"], source["split"]]
+        label = f"{source['dataset'].replace('/', '_')}-{source['split']}"
+    key = {"format": SHARD_FORMAT, "source": described, "tokenizer": tokenizer, "max_length": max_length,
+           "encoding": encoding, "skip_bad_lines": skip_bad_lines}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    path = os.path.join(cache_dir, f"{label}.{tokenizer}.{digest}")
+    if os.path.exists(os.path.join(path, "meta.json")):
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+        log(f"token shard {path}: reused ({meta['words']:,} words, {meta['sentences']:,} sentences)")
+        return path
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the --data-cache folder {cache_dir}: {e.strerror}") from None
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=cache_dir)
+    try:
+        _build_shard(source, tmp, key, digest, workers, log)
+        try:
+            os.rename(tmp, path)
+        except OSError:           # another process built the same shard meanwhile: keep theirs
+            if not os.path.exists(os.path.join(path, "meta.json")):
+                raise
+        log(f"token shard {path}: written")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def shard_words(path: str) -> tuple[list[str], list[int]]:
+    """A token shard's word list and counts (words.tsv): SPECIALS first, then by falling frequency."""
+    words, counts = [], []
+    with open(os.path.join(path, "words.tsv"), encoding="utf-8") as f:
+        for line in f.read().split("\n")[:-1]:
+            word, count = line.rsplit("\t", 1)
+            words.append(word)
+            counts.append(int(count))
+    return words, counts
+
+
+def _build_shard(source: dict, out: str, key: dict, digest: str, workers: int, log):
+    """Text -> Arrow (datasets) -> tokenised in parallel (`map(batched=True, num_proc)`) -> words counted
+    -> ids written to tokens.i32. Every pass streams over Arrow record batches: memory stays flat in the
+    corpus size (the word counts grow with the number of distinct words only)."""
+    import datasets                      # lazily: the rest of this module does not need it
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    datasets.disable_progress_bars()     # our own progress lines; bars would break one-line error output
+    datasets.utils.logging.set_verbosity_error()
+    t0, stats = time.time(), {"skipped": 0}
+    arrow = os.path.join(out, "arrow")
+    if "files" in source:
+        total = sum(os.path.getsize(p) for p in source["files"])
+        try:
+            text = datasets.Dataset.from_generator(
+                _text_lines, cache_dir=arrow, fingerprint=digest,
+                features=datasets.Features({"text": datasets.Value("string")}),
+                gen_kwargs={"paths": source["files"], "encoding": key["encoding"],
+                            "skip_bad_lines": key["skip_bad_lines"], "stats": stats, "total": total, "log": log})
+        except datasets.exceptions.DatasetGenerationError as e:
+            if isinstance(e.__cause__, UserError):
+                raise e.__cause__ from None
+            raise
+        log(f"  read {len(text):,} lines in {time.time() - t0:.1f}s")
+    else:
+        text = hub_dataset(source["dataset"], source["config"], source["split"], source["local_flags"])
+        if "text" not in text.column_names:
+            raise UserError(f"{source['dataset']} has no 'text' column (found {text.column_names[:5]}); "
+                            f"use local files: {source['local_flags']}")
+    # 1) tokenise in `workers` processes: one row a sentence (long lines split, blank lines dropped)
+    num_proc = max(1, min(workers or os.cpu_count() or 1, len(text) // 20_000))  # >= 20k lines a process
+    t = time.time()
+    tokens = text.map(_tokenize_batch, batched=True, batch_size=2000, num_proc=num_proc,
+                      remove_columns=text.column_names, cache_file_name=os.path.join(arrow, "tokens.arrow"),
+                      fn_kwargs={"tokenizer": key["tokenizer"], "max_length": key["max_length"]})
+    log(f"  tokenised ({key['tokenizer']}, {num_proc} process{'es' * (num_proc > 1)}) in {time.time() - t:.1f}s: "
+        f"{len(text) / max(time.time() - t, 1e-9):,.0f} lines/s")
+    if stats["skipped"]:
+        log(f"skipped {stats['skipped']:,} undecodable lines (--skip-bad-lines)")
+    if len(tokens) == 0:
+        where = ", ".join(source["files"]) if "files" in source else f"{source['dataset']} {source['split']}"
+        raise UserError(f"no usable text in {where} (empty, or only blank lines)")
+    n_split = pc.sum(tokens.data.column("split")).as_py() or 0
+    if n_split:
+        log(f"split {n_split:,} sentences longer than --max-length {key['max_length']} tokens")
+    # 2) count the words (Arrow's hash counts list words first seen first) -> the frequency-sorted word list
+    counts: dict[str, int] = dict.fromkeys(SPECIALS, 0)
+    for batch in _progress(tokens, "counting words", log):
+        found = pc.value_counts(pc.list_flatten(batch.column("tokens")))
+        for word, count in zip(found.field(0).to_pylist(), found.field(1).to_pylist()):
+            counts[word] = counts.get(word, 0) + count
+    counts[BOS_TOKEN] += len(tokens)
+    counts[EOS_TOKEN] += len(tokens)
+    words = word_list(counts)
+    # 3) write the stream, <S> ids </S> a sentence, one record batch at a time
+    lookup, n_stream = pa.array(words), 0
+    with open(os.path.join(out, "tokens.i32"), "wb") as f_tokens, \
+            open(os.path.join(out, "lengths.i32"), "wb") as f_lengths:
+        for batch in _progress(tokens, "writing ids", log):
+            column = batch.column("tokens")
+            lengths = torch.tensor(pc.list_value_length(column).to_numpy(zero_copy_only=False), dtype=torch.long)
+            ids = pc.index_in(pc.list_flatten(column), value_set=lookup).to_numpy(zero_copy_only=False)
+            starts = torch.cumsum(lengths + 2, 0) - (lengths + 2)     # sentence s: [start, start + n + 2)
+            stream = torch.empty(int((lengths + 2).sum()), dtype=torch.int32)
+            is_word = torch.ones(len(stream), dtype=torch.bool)
+            is_word[starts] = is_word[starts + lengths + 1] = False
+            stream[is_word] = torch.tensor(ids, dtype=torch.int32)
+            stream[starts] = SPECIALS.index(BOS_TOKEN)
+            stream[starts + lengths + 1] = SPECIALS.index(EOS_TOKEN)
+            f_tokens.write(stream.numpy().tobytes())
+            f_lengths.write(lengths.to(torch.int32).numpy().tobytes())
+            n_stream += len(stream)
+    with open(os.path.join(out, "words.tsv"), "w", encoding="utf-8") as f:
+        f.writelines(f"{w}\t{counts[w]}\n" for w in words)
+    del text, tokens
+    shutil.rmtree(arrow, ignore_errors=True)     # the intermediate Arrow files are not needed any more
+    meta = {**key, "sentences": int(counts[BOS_TOKEN]), "words": n_stream - 2 * int(counts[BOS_TOKEN]),
+            "stream_length": n_stream, "distinct_words": len(words) - len(SPECIALS),
+            "skipped_lines": stats["skipped"], "split_sentences": n_split,
+            "build_seconds": round(time.time() - t0, 1)}
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    log(f"token shard: {meta['words']:,} words in {meta['sentences']:,} sentences, {meta['distinct_words']:,} "
+        f"distinct, {n_stream * 4 / 2 ** 20:,.1f} MiB, built in {meta['build_seconds']:.1f}s")
+
+
+def _text_lines(paths, encoding, skip_bad_lines, stats, total, log):
+    """datasets.Dataset.from_generator's source for local files: our validated reader (binary files,
+    undecodable lines, with their line numbers), and a progress line every 5 seconds."""
+    done, t0, last = 0, time.time(), time.time()
+    for path in paths:
+        for _, line in read_lines(path, encoding, skip_bad_lines, stats):
+            done += len(line) + 1
+            yield {"text": line}
+            if time.time() - last > 5:
+                last, rate = time.time(), done / (time.time() - t0)
+                log(f"  reading text: {100 * done / max(total, 1):.0f}% | {rate / 2 ** 20:.1f} MB/s | "
+                    f"ETA {(total - done) / max(rate, 1):.0f}s")
+
+
+def _tokenize_batch(batch, tokenizer, max_length):
+    """A batch of raw lines -> one row per sentence: its tokens, and split=1 on the first piece of a line
+    longer than max_length (so that the build can say how many were split)."""
+    out = {"tokens": [], "split": []}
+    for line in batch["text"]:
+        pieces = split_long(tokenize(line or "", tokenizer), max_length)
+        for k, piece in enumerate(pieces):
+            if piece:
+                out["tokens"].append(piece)
+                out["split"].append(int(k == 0 and len(pieces) > 1))
+    return out
+
+
+def _progress(dataset, what: str, log, rows: int = 100_000):
+    """Iterate a datasets.Dataset as Arrow tables of `rows` rows, logging rows/s and the ETA every 5 s."""
+    t0, last, done = time.time(), time.time(), 0
+    for batch in dataset.with_format("arrow").iter(batch_size=rows):
+        yield batch
+        done += len(batch)
+        if time.time() - last > 5:
+            last, rate = time.time(), done / (time.time() - t0)
+            log(f"  {what}: {done:,} / {len(dataset):,} sentences | {rate:,.0f}/s | "
+                f"ETA {(len(dataset) - done) / rate:.0f}s")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -229,18 +229,25 @@ class LstmLayer(nn.Module):
             self.lstm.bias_ih_l0[D:2 * D].fill_(1.0)
             self.lstm.bias_hh_l0[D:2 * D].zero_()
 
-    def fused(self, x):                                 # (B, T, in) -> (B, T, P)
+    # Both paths take an optional initial state (h (B, P), c (B, D)) and return the final one with the
+    # outputs. None means zero state, which is what ELMo's features use: only the stream-mode training and
+    # evaluation loop passes a state, explicitly, from one window of text to the next.
+    def fused(self, x, state=None):                     # (B, T, in) -> (B, T, P), state
         if self.cell_clip or self.proj_clip:
             raise ValueError("the fused nn.LSTM path cannot clip; use impl='reference' or clip 0")
-        return self.lstm(x)[0]
+        hx = None if state is None else (state[0].unsqueeze(0), state[1].unsqueeze(0))   # (1, B, P), (1, B, D)
+        out, (h, c) = self.lstm(x, hx)
+        return out, (h[0], c[0])
 
-    def reference(self, x):                             # (B, T, in) -> (B, T, P)
+    def reference(self, x, state=None):                 # (B, T, in) -> (B, T, P), state
         lstm = self.lstm
         B, T, _ = x.shape
         # The input's share of every gate, for all steps in one matmul; only the recurrence is sequential.
         gates_x = F.linear(x, lstm.weight_ih_l0, lstm.bias_ih_l0 + lstm.bias_hh_l0)  # (B, T, 4D)
-        h = x.new_zeros(B, lstm.proj_size)              # (B, P) zero state: every call starts fresh
-        c = x.new_zeros(B, lstm.hidden_size)            # (B, D)
+        if state is None:                               # zero state: every call starts fresh
+            h, c = x.new_zeros(B, lstm.proj_size), x.new_zeros(B, lstm.hidden_size)  # (B, P), (B, D)
+        else:
+            h, c = state
         outputs = []
         for t in range(T):
             gates = gates_x[:, t] + h @ lstm.weight_hh_l0.T                # (B, 4D)
@@ -252,7 +259,7 @@ class LstmLayer(nn.Module):
             if self.proj_clip:
                 h = h.clamp(-self.proj_clip, self.proj_clip)
             outputs.append(h)
-        return torch.stack(outputs, dim=1)              # T x (B, P) -> (B, T, P)
+        return torch.stack(outputs, dim=1), (h, c)      # T x (B, P) -> (B, T, P)
 
 
 def length_mask(lengths, T: int):
@@ -283,16 +290,18 @@ class LstmStack(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.residual = config.residual
 
-    def forward(self, x, impl: str):                    # (B, T, P) -> L x (B, T, P)
-        outputs = []
+    def forward(self, x, impl: str, state=None):       # (B, T, P) -> L x (B, T, P), L x state
+        outputs, states = [], []
         for k, layer in enumerate(self.layers):
             inp = self.dropout(x)
-            h = layer.reference(inp) if impl == "reference" else layer.fused(inp)
+            run = layer.reference if impl == "reference" else layer.fused
+            h, layer_state = run(inp, None if state is None else state[k])
             if k > 0 and self.residual:
                 h = h + x                               # skip connection (AllenNLP: use_skip_connections)
             outputs.append(h)
+            states.append(layer_state)
             x = h
-        return outputs
+        return outputs, states
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -354,9 +363,9 @@ class BiLM(nn.Module):
         m = mask.unsqueeze(-1).to(torch.get_default_dtype())                   # (B, T, 1)
         tokens = self.token_encoder(inputs)                                     # (B, T, P)
         m = m.to(tokens.dtype)
-        forward = [h * m for h in self.forward_lstm(tokens, self.lstm_impl)]
+        forward = [h * m for h in self.forward_lstm(tokens, self.lstm_impl)[0]]
         # backward: read each sentence reversed within its length, then put the outputs back in place
-        backward = self.backward_lstm(reverse_within_length(tokens, lengths), self.lstm_impl)
+        backward = self.backward_lstm(reverse_within_length(tokens, lengths), self.lstm_impl)[0]
         backward = [reverse_within_length(h, lengths) * m for h in backward]
         return tokens, forward, backward
 
@@ -395,6 +404,32 @@ class BiLM(nn.Module):
         nll_f = self.token_nll(fwd_h[:, :-1][fwd_keep], fwd_y[fwd_keep])         # (n, P) -> ()
         nll_b = self.token_nll(bwd_h[:, 1:][bwd_keep], bwd_y[bwd_keep])
         return nll_f, nll_b, int(fwd_keep.sum())
+
+    def stream_encode(self, forward_inputs, backward_inputs, state=None):
+        """Both stacks over one window of a token stream (--context stream), from `state` (None = zero, the
+        start of an epoch), each reading its own window left to right: `data.Corpus.window` gives the
+        backward stack its window already read from the stream's end, so nothing is reversed here.
+        (B, n[, W]) twice -> the forward and backward top layers (B, n, P) each, and the state to carry
+        into the next window: (forward stack's, backward stack's), each L x ((B, P), (B, D))."""
+        B = forward_inputs.shape[0]
+        tokens = self.token_encoder(torch.cat([forward_inputs, backward_inputs]))  # (2B, n, P): one CNN call
+        f, f_state = self.forward_lstm(tokens[:B], self.lstm_impl, None if state is None else state[0])
+        b, b_state = self.backward_lstm(tokens[B:], self.lstm_impl, None if state is None else state[1])
+        return f[-1], b[-1], (f_state, b_state)
+
+    def stream_nll(self, forward_window, backward_window, state=None):
+        """Summed NLL of both directions over one stream window (paper eq. 3, as bilm-tf trained it).
+        Each window is (inputs, targets) from `data.Corpus.window`: target j is the token after input j in
+        that direction's reading order, PAD_ID where nothing is scored. There is no padding inside the
+        text, so no mask beyond the targets'. Returns (nll_forward, nll_backward, n_forward, n_backward,
+        state); the caller detaches the state before the next window (truncated backpropagation through
+        time), so gradients stop at the window's start while the state carries on."""
+        (x_f, y_f), (x_b, y_b) = forward_window, backward_window
+        f, b, state = self.stream_encode(x_f, x_b, state)
+        keep_f, keep_b = y_f != PAD_ID, y_b != PAD_ID                              # (B, n) each
+        nll_f = self.token_nll(self.dropout(f[keep_f]), y_f[keep_f])              # (n_f, P) -> ()
+        nll_b = self.token_nll(self.dropout(b[keep_b]), y_b[keep_b])
+        return nll_f, nll_b, int(keep_f.sum()), int(keep_b.sum()), state
 
     def token_nll(self, h, y):                          # (n, P), (n,) -> () summed NLL
         if isinstance(self.head, nn.Linear):

@@ -69,6 +69,11 @@ def parse_args(argv=None):
                    "as SST; use it when the biLM is for SST or MultiNLI); auto = whitespace for files, regex "
                    "for the hub")
     g.add_argument("--max-length", type=int, default=100, help="split sentences longer than this (tokens)")
+    g.add_argument("--data-cache", default=data.default_cache_dir(), help="folder of the token shards: "
+                   "each corpus is tokenised once into a memory-mapped file there and reused by later runs "
+                   "and --resume ($ELMO_DATA_CACHE sets the default)")
+    g.add_argument("--data-workers", type=int, default=0, help="processes that tokenise a corpus into its "
+                   "shard (0 = one per CPU core)")
     g.add_argument("--encoding", default="utf-8", help="text encoding of the input files")
     g.add_argument("--skip-bad-lines", action="store_true", help="skip lines that do not decode (counted)")
     g = p.add_argument_group("optimisation")
@@ -77,7 +82,16 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=float, help="learning rate; default adam 5e-3, adagrad 0.2, sgd 1.0")
     g.add_argument("--lr-schedule", default="linear", choices=["linear", "constant"],
                    help="linear: decay to 0 at the end of the budget (steps, minutes or epochs)")
-    g.add_argument("--batch-tokens", type=int, default=2000, help="padded tokens per batch (B x T)")
+    g.add_argument("--context", choices=["sentence", "stream"], help="training context (README, 'Two "
+                   "ways to read a corpus'). sentence: length-bucketed batches of whole sentences, each from "
+                   "zero state, as ELMo is used downstream. stream (bilm-tf): each batch row reads the next "
+                   "--unroll tokens of its own stretch of the running text, the LSTM state carried from window "
+                   "to window; no padding. With --eval-only: how to evaluate (default: as the checkpoint "
+                   "was trained). Default for training: stream (measured: README)")
+    g.add_argument("--unroll", type=int, default=20, help="stream context: tokens per window, i.e. steps of "
+                   "backpropagation through time (bilm-tf: 20)")
+    g.add_argument("--batch-tokens", type=int, default=2000, help="tokens per batch: sentence context B x T "
+                   "padded, stream context rows x --unroll")
     g.add_argument("--clip-norm", type=float, default=10.0, help="gradient norm clip (paper: 10)")
     g.add_argument("--epochs", type=int, default=10, help="passes over the training data")
     g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = no limit)")
@@ -102,11 +116,13 @@ def parse_args(argv=None):
     g.add_argument("--metrics-json", help="write the last evaluation here as JSON")
     args = p.parse_args(argv)
     for name in ("max_steps", "max_minutes", "epochs", "batch_tokens", "max_length", "log_every",
-                 "eval_every", "threads", "vocab_size"):
+                 "eval_every", "threads", "vocab_size", "data_workers"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative")
     if args.lr is not None and not args.lr > 0:
         raise UserError("--lr must be positive")
+    if args.unroll < 2 or args.unroll > args.batch_tokens:
+        raise UserError("--unroll must be at least 2 and at most --batch-tokens")
     return args
 
 
@@ -115,19 +131,21 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------------------------
-def load_sentences(files, split, args, log):
-    """Local files, or the hub data set's split, -> list of token lists."""
+def load_corpus(files, split, args, log, vocab=None):
+    """Local files, or the hub data set's split -> its token shard (built once, see data.token_shard) ->
+    a memory-mapped Corpus. vocab=None: the shard's own most frequent --vocab-size words (training data)."""
     if files:
+        source = {"files": files}
         tokenizer = "whitespace" if args.tokenizer == "auto" else args.tokenizer
-        return data.read_corpus(files, tokenizer, args.max_length, args.encoding, args.skip_bad_lines, log)
-    ds = data.hub_dataset(args.dataset, args.dataset_config, split, "--train-file FILE [FILE ...] --valid-file FILE")
-    tokenizer = "regex" if args.tokenizer == "auto" else args.tokenizer
-    sentences = []
-    for line in ds["text"]:
-        sentences.extend(s for s in data.split_long(data.tokenize(line, tokenizer), args.max_length) if s)
-    if not sentences:
-        raise UserError(f"{args.dataset} split {split!r} has no text")
-    return sentences
+    else:
+        source = {"dataset": args.dataset, "config": args.dataset_config, "split": split,
+                  "local_flags": "--train-file FILE [FILE ...] --valid-file FILE"}
+        tokenizer = "regex" if args.tokenizer == "auto" else args.tokenizer
+    shard = data.token_shard(source, args.data_cache, tokenizer, args.max_length, args.encoding,
+                             args.skip_bad_lines, args.data_workers, log)
+    if vocab is None:
+        vocab = data.shard_words(shard)[0][: max(len(data.SPECIALS), args.vocab_size)]
+    return data.Corpus.open_shard(shard, vocab), vocab
 
 
 def read_glove(path, vocab, dim, log):
@@ -150,9 +168,113 @@ def read_glove(path, vocab, dim, log):
 # ---------------------------------------------------------------------------------------------------------
 # evaluation
 # ---------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------
+# the two training contexts: whole sentences, or windows of a token stream with carried state
+# ---------------------------------------------------------------------------------------------------------
+class SentenceBatches:
+    """--context sentence: length-bucketed batches of whole sentences, <S> w_1 .. w_n </S>, each read from
+    zero state, as ELMo reads sentences downstream. The order is shuffled each epoch (seed + epoch), which
+    is what lets --resume skip to the exact batch where a run stopped."""
+
+    def __init__(self, corpus, batch_tokens, seed, char_inputs):
+        self.corpus, self.batch_tokens, self.seed, self.char_inputs = corpus, batch_tokens, seed, char_inputs
+        self.start_epoch(0)
+
+    def __len__(self):
+        return len(self.batches)
+
+    def start_epoch(self, epoch):
+        self.batches = data.bucket_batches(self.corpus.lengths, self.batch_tokens, self.seed + epoch)
+
+    def nll(self, model, i, device):
+        """Batch i -> summed NLL forward, backward, and the predictions counted in each."""
+        inputs, targets = self.corpus.batch(self.batches[i], self.char_inputs)
+        nll_f, nll_b, n = model.lm_nll(inputs.to(device), targets.to(device))
+        return nll_f, nll_b, n, n
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+class StreamBatches:
+    """--context stream, as bilm-tf trained ELMo: the corpus is one running text (the sentences one after
+    the other, each with its <S> and </S>), cut into `rows` contiguous stretches, one per batch row. Step i
+    reads window i of every stretch, `unroll` tokens: the forward LM reads its stretch from the start, the
+    backward LM reads the same stretch of the *reversed* text. Each row's LSTM state is carried into its
+    next window, detached (truncated backpropagation through time), so a word can use the sentences
+    before it (forward) or after it (backward). Leak-free: each direction only ever reads the text before
+    its target in its own reading order, and the two stacks never exchange state (tests:
+    test_stream_has_no_leakage_across_windows, test_stream_carry_equals_one_long_call).
+    No padding and one fixed shape: the fastest case for fused kernels. Each epoch starts from zero state,
+    with the stretches shifted by a random offset below `unroll` (seed + epoch), so that windows do not cut
+    the text at the same places every epoch."""
+
+    def __init__(self, corpus, rows, unroll, seed, char_inputs, log=print):
+        if (len(corpus.stream) - 1) // rows < 2 * unroll:       # a tiny text: fewer rows, each 2 windows
+            rows = (len(corpus.stream) - 1) // (2 * unroll)
+            if rows < 1:
+                raise UserError(f"--context stream: the training text ({len(corpus.stream):,} tokens with "
+                                f"boundaries) is shorter than 2 x --unroll {unroll}; lower --unroll or use "
+                                f"--context sentence")
+            log(f"stream context: the training text is short, so {rows} rows of {2 * unroll}+ tokens")
+        self.corpus, self.rows, self.unroll, self.seed, self.char_inputs = corpus, rows, unroll, seed, char_inputs
+        self.row_length = (len(corpus.stream) - 1) // rows      # tokens with a target, per stretch
+        self.start_epoch(0)
+
+    def __len__(self):
+        return (self.row_length - self.unroll) // self.unroll    # room for the shift below
+
+    def start_epoch(self, epoch):
+        shift = random.Random(self.seed + epoch).randrange(self.unroll)
+        self.starts = torch.arange(self.rows) * self.row_length + shift           # (rows,)
+        self.state = None                                                          # zero state
+
+    def nll(self, model, i, device):
+        """Window i of every row, both directions, from the carried state; carries the new state on."""
+        starts = self.starts + i * self.unroll
+        windows = [tuple(t.to(device) for t in self.corpus.window(starts, self.unroll, self.char_inputs, back))
+                   for back in (False, True)]
+        nll_f, nll_b, n_f, n_b, state = model.stream_nll(*windows, state=self.state)
+        self.state = detach(state)
+        return nll_f, nll_b, n_f, n_b
+
+    def state_dict(self):        # the carried state goes into <out>.last.pt: --resume continues it exactly
+        return {"state": self.state}
+
+    def load_state_dict(self, state):
+        self.state = state.get("state")
+
+
+def detach(state):
+    """A nested tuple/list of state tensors, cut from the graph of the window that made them."""
+    if state is None or isinstance(state, torch.Tensor):
+        return None if state is None else state.detach()
+    return type(state)(detach(s) for s in state)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluation
+# ---------------------------------------------------------------------------------------------------------
+EVAL_ROWS = 10   # stream evaluation: rows of the valid text, as the PyTorch word-language-model example
+
+
 @torch.no_grad()
-def evaluate(model, corpus, args, device, autocast):
+def evaluate(model, corpus, context, args, device, autocast):
+    """Perplexity of both directions on `corpus`, every token predicted once. sentence: each sentence from
+    zero state. stream: the text as one stream in EVAL_ROWS rows, state carried through each row."""
     model.eval()
+    run = evaluate_sentences if context == "sentence" else evaluate_stream
+    nll_f, nll_b, n = run(model, corpus, args, device, autocast)
+    model.train()
+    ppl = lambda nll: math.exp(nll) if nll < 700 else float("inf")   # noqa: E731  (no OverflowError)
+    return {"ppl_forward": ppl(nll_f / n), "ppl_backward": ppl(nll_b / n), "ppl": ppl((nll_f + nll_b) / (2 * n)),
+            "tokens": n, "context": context}
+
+
+def evaluate_sentences(model, corpus, args, device, autocast):
     nll_f = nll_b = 0.0
     n = 0
     for batch in data.bucket_batches(corpus.lengths, args.batch_tokens, seed=0, shuffle=False):
@@ -160,14 +282,33 @@ def evaluate(model, corpus, args, device, autocast):
         with autocast():
             f, b, count = model.lm_nll(inputs.to(device), targets.to(device))
         nll_f, nll_b, n = nll_f + float(f), nll_b + float(b), n + count
-    model.train()
-    ppl = lambda nll: math.exp(nll) if nll < 700 else float("inf")   # noqa: E731  (no OverflowError)
-    return {"ppl_forward": ppl(nll_f / n), "ppl_backward": ppl(nll_b / n), "ppl": ppl((nll_f + nll_b) / (2 * n)),
-            "tokens": n}
+    return nll_f, nll_b, n
 
 
-
-
+def evaluate_stream(model, corpus, args, device, autocast):
+    """The N-1 predictions of the stream (all tokens but the first, in each reading direction) are split
+    into EVAL_ROWS consecutive rows; row b's last input predicts row b+1's first token, so each is scored
+    exactly once (and the <S>/</S> restarts not at all, as in training): n + 1 per sentence and direction,
+    the same count as sentence evaluation. Carrying is exact, so the window length does not matter; long
+    windows only make it faster."""
+    rows = min(EVAL_ROWS, len(corpus.stream) - 1)
+    row_length = -(-(len(corpus.stream) - 1) // rows)                     # ceil: the last row may be shorter
+    starts, ends = torch.arange(rows) * row_length, torch.arange(1, rows + 1) * row_length   # (rows,) each
+    window, char_inputs = 10 * args.unroll, model.config.token_encoder == "char"
+    nll_f = nll_b = 0.0
+    n_f = n_b = 0
+    state = None
+    for offset in range(0, row_length, window):
+        inside = starts.unsqueeze(1) + offset + torch.arange(window) < ends.unsqueeze(1)    # (rows, window)
+        windows = []
+        for backward in (False, True):
+            inputs, targets = corpus.window(starts + offset, window, char_inputs, backward)
+            windows.append((inputs.to(device), torch.where(inside, targets, data.PAD_ID).to(device)))
+        with autocast():
+            f, b, count_f, count_b, state = model.stream_nll(*windows, state=state)
+        nll_f, nll_b, n_f, n_b = nll_f + float(f), nll_b + float(b), n_f + count_f, n_b + count_b
+    assert n_f == n_b, (n_f, n_b)      # n words + n </S> forward, n words + n <S> backward
+    return nll_f, nll_b, n_f
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -193,11 +334,12 @@ def main(argv=None):
         model = bilm_from_checkpoint(ckpt, args.lstm_impl).to(device)
         if args.tokenizer == "auto":
             args.tokenizer = ckpt["args"].get("tokenizer", "auto")
-        valid = data.Corpus(load_sentences(args.valid_file, "validation", args, log), ckpt["vocab"])
-        metrics = evaluate(model, valid, args, device, autocast)
-        log(f"eval {args.ckpt} (step {ckpt['step']}) on {' '.join(args.valid_file)}: ppl forward "
-            f"{metrics['ppl_forward']:.2f} backward {metrics['ppl_backward']:.2f} mean {metrics['ppl']:.2f} "
-            f"| {metrics['tokens']:,} predictions per direction, {valid.n_unk:,} <unk>")
+        context = args.context or ckpt["args"].get("context") or "sentence"
+        valid, _ = load_corpus(args.valid_file, "validation", args, log, vocab=ckpt["vocab"])
+        metrics = evaluate(model, valid, context, args, device, autocast)
+        log(f"eval {args.ckpt} (step {ckpt['step']}) on {' '.join(args.valid_file)}, {context} context: ppl "
+            f"forward {metrics['ppl_forward']:.2f} backward {metrics['ppl_backward']:.2f} mean {metrics['ppl']:.2f}"
+            f" | {metrics['tokens']:,} predictions per direction, {valid.n_unk:,} <unk>")
         write_metrics(args.metrics_json, metrics)
         return
 
@@ -218,17 +360,17 @@ def main(argv=None):
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     t0 = time.time()
-    train_sentences = load_sentences(args.train_file, "train", args, log)
-    valid_sentences = load_sentences(args.valid_file, "validation", args, log) \
+    if resume:                        # the run's own data settings, whatever this command line says
+        args.context = resume["args"].get("context", "sentence")
+    args.context = args.context or "stream"
+    train, vocab = load_corpus(args.train_file, "train", args, log, vocab=resume["vocab"] if resume else None)
+    valid = load_corpus(args.valid_file, "validation", args, log, vocab)[0] \
         if (args.valid_file or not args.train_file) else None
-    vocab = resume["vocab"] if resume else data.build_vocab(train_sentences, args.vocab_size)
-    train = data.Corpus(train_sentences, vocab)
-    valid = data.Corpus(valid_sentences, vocab) if valid_sentences else None
-    del train_sentences, valid_sentences
     log(f"data: train {len(train):,} sentences {train.n_tokens:,} tokens ({train.n_unk:,} <unk>), "
         + (f"valid {len(valid):,} sentences {valid.n_tokens:,} tokens ({valid.n_unk:,} <unk>), "
            if valid else "no validation data, ")
-        + f"vocab {len(vocab):,}, {len(train.types):,} distinct training tokens, {time.time() - t0:.1f}s")
+        + f"vocab {len(vocab):,}, {len(train.types) - len(data.SPECIALS):,} distinct training words, "
+          f"{time.time() - t0:.1f}s")
 
     # ---- model --------------------------------------------------------------------------------------
     if resume:
@@ -279,7 +421,8 @@ def main(argv=None):
         atomic_save({
             "format": CHECKPOINT_FORMAT, "kind": "bilm", "config": asdict(config), "vocab": vocab,
             "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch, "trained_seconds": trained_s, "best": best,
+            "batch_in_epoch": batch_in_epoch, "context_state": train_batches.state_dict(),
+            "trained_seconds": trained_s, "best": best,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}, "args": vars(args),
         }, path)
 
@@ -295,7 +438,15 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, on_signal)
 
     char_inputs = config.token_encoder == "char"
-    batches_per_epoch = len(data.bucket_batches(train.lengths, args.batch_tokens, args.seed))
+    if args.context == "stream":
+        train_batches = StreamBatches(train, max(1, args.batch_tokens // args.unroll), args.unroll, args.seed,
+                                      char_inputs, log)
+    else:
+        train_batches = SentenceBatches(train, args.batch_tokens, args.seed, char_inputs)
+    train_batches.start_epoch(epoch)
+    if resume:
+        train_batches.load_state_dict(resume.get("context_state", {}))
+    batches_per_epoch = len(train_batches)
     total_steps = args.epochs * batches_per_epoch
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
@@ -314,7 +465,7 @@ def main(argv=None):
         if valid is None:
             return None
         t = time.time()
-        metrics = evaluate(model, valid, args, device, autocast)
+        metrics = evaluate(model, valid, args.context, args, device, autocast)
         improved = metrics["ppl"] < best
         if improved:
             best = metrics["ppl"]
@@ -323,20 +474,18 @@ def main(argv=None):
             + (f" | best, saved {args.out}" if improved else f" | best {best:.2f}"))
         return metrics, improved
 
-    log(f"training: {batches_per_epoch:,} batches per epoch, up to {total_steps:,} steps"
+    log(f"training ({args.context} context): {batches_per_epoch:,} batches per epoch, up to {total_steps:,} steps"
         + (f" or {args.max_minutes:g} minutes" if budget_s else ""))
-    metrics, window = None, {"loss_f": 0.0, "loss_b": 0.0, "n": 0, "steps": 0, "t": time.time()}
+    metrics, window = None, {"loss_f": 0.0, "loss_b": 0.0, "n_f": 0, "n_b": 0, "steps": 0, "t": time.time()}
     model.train()
     done = step >= total_steps or (budget_s and trained_s >= budget_s)
     while not done and epoch < args.epochs:
-        batches = data.bucket_batches(train.lengths, args.batch_tokens, args.seed + epoch)
-        while batch_in_epoch < len(batches):
+        while batch_in_epoch < batches_per_epoch:
             t_step = time.time()
-            inputs, targets = train.batch(batches[batch_in_epoch], char_inputs)
             set_lr()
             with autocast():
-                nll_f, nll_b, n = model.lm_nll(inputs.to(device), targets.to(device))
-            loss = (nll_f + nll_b) / (2 * n)
+                nll_f, nll_b, n_f, n_b = train_batches.nll(model, batch_in_epoch, device)
+            loss = (nll_f + nll_b) / (n_f + n_b)
             if not math.isfinite(loss.item()):
                 abort_nonfinite(f"loss is {loss.item()}", step + 1, last_path(args.out))
             opt.zero_grad(set_to_none=True)
@@ -349,17 +498,18 @@ def main(argv=None):
             trained_s += time.time() - t_step
             window["loss_f"] += nll_f.item()
             window["loss_b"] += nll_b.item()
-            window["n"] += n
+            window["n_f"] += n_f
+            window["n_b"] += n_b
             window["steps"] += 1
             if step % args.log_every == 0 or step == 1:
                 elapsed = time.time() - window["t"]
-                lf, lb = window["loss_f"] / window["n"], window["loss_b"] / window["n"]
+                lf, lb = window["loss_f"] / window["n_f"], window["loss_b"] / window["n_b"]
                 eta = (trained_s / progress() - trained_s) if progress() > 0 else 0
                 log(f"step {step:6d} | epoch {epoch + 1} | loss {(lf + lb) / 2:.3f} | ppl fwd {math.exp(lf):7.1f} "
                     f"bwd {math.exp(lb):7.1f} mean {math.exp((lf + lb) / 2):7.1f} | lr {opt.param_groups[0]['lr']:.2e} | "
-                    f"{1000 * elapsed / window['steps']:.0f} ms/step | {window['n'] / elapsed:,.0f} tok/s | "
+                    f"{1000 * elapsed / window['steps']:.0f} ms/step | {window['n_f'] / elapsed:,.0f} tok/s | "
                     f"ETA {fmt_time(eta)}")
-                window = {"loss_f": 0.0, "loss_b": 0.0, "n": 0, "steps": 0, "t": time.time()}
+                window = {"loss_f": 0.0, "loss_b": 0.0, "n_f": 0, "n_b": 0, "steps": 0, "t": time.time()}
             done = step >= total_steps or bool(budget_s and trained_s >= budget_s) or bool(stop["signal"])
             if args.eval_every and step % args.eval_every == 0 and not done:
                 t_eval = time.time()
@@ -371,8 +521,9 @@ def main(argv=None):
                 window["t"] += time.time() - t_eval
             if done:
                 break
-        if batch_in_epoch >= len(batches):
+        if batch_in_epoch >= batches_per_epoch:
             epoch, batch_in_epoch = epoch + 1, 0
+            train_batches.start_epoch(epoch)
             if not done and not args.eval_every and epoch < args.epochs:
                 t_eval = time.time()
                 result = run_eval(f"epoch {epoch}")
