@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import tempfile
 import time
 
@@ -457,12 +458,16 @@ def _build_shard(source: dict, out: str, key: dict, digest: str, workers: int, l
                             f"use local files: {source['local_flags']}")
     # 1) tokenise in `workers` processes: one row a sentence (long lines split, blank lines dropped)
     num_proc = max(1, min(workers or os.cpu_count() or 1, len(text) // 20_000))  # >= 20k lines a process
+    log(f"  tokenising {len(text):,} lines ({key['tokenizer']}) in {num_proc} process{'es' * (num_proc > 1)}")
     t = time.time()
+    if sys.stderr.isatty():              # a person watching: datasets' own bar (lines/s, ETA) for this pass
+        datasets.enable_progress_bars()
     tokens = text.map(_tokenize_batch, batched=True, batch_size=2000, num_proc=num_proc,
                       remove_columns=text.column_names, cache_file_name=os.path.join(arrow, "tokens.arrow"),
-                      fn_kwargs={"tokenizer": key["tokenizer"], "max_length": key["max_length"]})
-    log(f"  tokenised ({key['tokenizer']}, {num_proc} process{'es' * (num_proc > 1)}) in {time.time() - t:.1f}s: "
-        f"{len(text) / max(time.time() - t, 1e-9):,.0f} lines/s")
+                      fn_kwargs={"tokenizer": key["tokenizer"], "max_length": key["max_length"]},
+                      desc="tokenising")
+    datasets.disable_progress_bars()
+    log(f"  tokenised in {time.time() - t:.1f}s: {len(text) / max(time.time() - t, 1e-9):,.0f} lines/s")
     if stats["skipped"]:
         log(f"skipped {stats['skipped']:,} undecodable lines (--skip-bad-lines)")
     if len(tokens) == 0:

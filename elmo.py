@@ -24,10 +24,13 @@ Deviations from the paper / bilm-tf and from AllenNLP, and why:
      `_ElmoBiLm` does it silently, so the same sentence gives different vectors on a second call). Every call
      here starts from zero state, so a sentence's vectors depend only on the sentence. The golden test checks
      that we match AllenNLP's *first* call and not its second.
-  2. Sentence-level LM training. bilm-tf trains on 20-token windows cut from a running text stream, carrying
-     state across windows; we train on whole sentences (<S> w1 .. wn </S>), which is exactly how ELMo is used
-     downstream and needs no state. PTB perplexity is then slightly higher than a stream model's, because the
-     first words of a sentence cannot use the previous sentence.
+  2. Two training contexts (train_lm.py --context). `stream` is bilm-tf's: 20-token windows cut from the
+     running text (sentences joined with their <S> and </S>), the state carried from window to window; only
+     the training loop holds that state and passes it in explicitly (`stream_nll`). One difference: bilm-tf
+     reverses each sentence for the backward LM but keeps the sentences in text order, so its backward
+     state holds the *previous* sentence; here the backward LM reads the whole text reversed, so its state
+     holds what follows, its true history. `sentence` trains on whole sentences from zero state, exactly
+     how ELMo is used downstream. Either way `BiLM.forward`, the ELMo features, starts from zero state.
   3. Softmax. bilm-tf trains with a sampled softmax (8192 samples) over 793k words. We offer a full softmax
      (default) and torch's adaptive softmax (Grave et al., 2017), which is cheap *and* properly normalised,
      so training loss and reported perplexity are exact. We do not implement the sampled softmax.

@@ -296,6 +296,166 @@ def test_reverse_within_length():
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Stream context (--context stream): windows of a running text, state carried between them
+# ---------------------------------------------------------------------------------------------------------
+def stream_outputs(model, sentences, window):
+    """Run `model` over the stream of `sentences` (each as <S> w.. </S>) the way StreamBatches does: one
+    row, consecutive windows from data.Corpus.window, the state of each window passed into the next.
+    Returns (forward, backward) top-layer outputs, (N, P) each, indexed by stream position: the backward
+    output read at reversed position r belongs to stream position N-1-r."""
+    corpus = data.Corpus.from_sentences(sentences, data.build_vocab(sentences, 100))
+    N, state, f, b = len(corpus.stream), None, [], []
+    with torch.no_grad():
+        for start in range(0, N, window):
+            starts = torch.tensor([start])
+            x_f, _ = corpus.window(starts, window, char_inputs=True)
+            x_b, _ = corpus.window(starts, window, char_inputs=True, backward=True)
+            out_f, out_b, state = model.stream_encode(x_f, x_b, state)
+            f.append(out_f[0])
+            b.append(out_b[0])
+    return torch.cat(f)[:N], torch.cat(b)[:N].flip(0)
+
+
+STREAM = [["the", "cat", "sat", "on", "a", "mat"], ["dogs", "ran", "to", "the", "old", "barn"],
+          ["birds", "sang", "in", "the", "tall", "trees"]]      # stream positions: <S>=0, the=1 .. </S>=23
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_stream_has_no_leakage_across_windows(impl):
+    """Catches leakage through the carried state or the stream's reading order: changing the tokens after
+    stream position t (later in t's window and in the windows after it) changes no forward output at or
+    before t, and changing the tokens before t changes no backward output at or after t. Would catch a
+    backward LM that reads each sentence reversed but the sentences in text order (bilm-tf's layout: its
+    backward state then holds the *previous* sentence), or windows fed in the wrong order."""
+    model = tiny_model()
+    model.impl = impl
+    t = 11                                                  # "to" in sentence 2, inside window 3 of 5
+    later = [STREAM[0], ["dogs", "ran", "to", "xx", "yyy", "z"], ["no", "more", "birds"]]
+    earlier = [["one", "two"], ["q", "rr", "to", "the", "old", "barn"], STREAM[2]]
+    base_f, base_b = stream_outputs(model, STREAM, window=5)
+    later_f, _ = stream_outputs(model, later, window=5)
+    _, earlier_b = stream_outputs(model, earlier, window=5)
+    shift = len(STREAM[0]) + len(STREAM[1]) - len(earlier[0]) - len(earlier[1])   # earlier text is shorter
+    assert unchanged(base_f[: t + 1], later_f[: t + 1]), "forward saw the future"
+    assert changed(base_f[t + 1: t + 2], later_f[t + 1: t + 2])          # the test can fail
+    assert unchanged(base_b[t:], earlier_b[t - shift:]), "backward saw the past"
+    assert changed(base_b[t - 1: t], earlier_b[t - 1 - shift: t - shift])
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_stream_carry_equals_one_long_call(impl):
+    """Catches a state that is not carried, carried from the wrong layer or direction, or reset in the
+    middle: windows of 3, 5 or 8 tokens with carried state give the outputs of one call over the whole
+    text (to float rounding), and dropping the state between windows does not."""
+    model = tiny_model()
+    model.impl = impl
+    whole_f, whole_b = stream_outputs(model, STREAM, window=24)
+    for window in (3, 5, 8):
+        f, b = stream_outputs(model, STREAM, window)
+        assert torch.allclose(f, whole_f, atol=1e-6) and torch.allclose(b, whole_b, atol=1e-6), window
+    corpus = data.Corpus.from_sentences(STREAM, data.build_vocab(STREAM, 100))
+    with torch.no_grad():       # without the carried state, the second window starts cold: different
+        second = corpus.window(torch.tensor([8]), 8, char_inputs=True)[0]
+        cold, _, _ = model.stream_encode(second, second)
+    assert changed(cold[0], whole_f[8:16])
+
+
+def test_stream_windows_targets_and_unscored_restarts():
+    """Catches off-by-one targets and wrong scoring in stream windows: the target of each input is the
+    next token in reading order (the backward window reads the text from its end), `</S> -> <S>` (and
+    backwards `<S> -> </S>`) is not scored, and nothing is scored past the text's ends."""
+    vocab = data.build_vocab(STREAM, 100)
+    corpus = data.Corpus.from_sentences(STREAM, vocab)
+    words = [w for s in STREAM for w in ["<S>", *s, "</S>"]]
+    N = len(words)
+    pad = data.PAD_ID
+    x, y = corpus.window(torch.tensor([0, 5]), N, char_inputs=False)
+    for row, start in enumerate([0, 5]):
+        for j in range(N):
+            here = start + j
+            assert x[row, j] == (vocab.index(words[here]) if here < N else pad)
+            expected = vocab.index(words[here + 1]) if here + 1 < N and words[here + 1] != "<S>" else pad
+            assert y[row, j] == expected, (row, j)
+    x, y = corpus.window(torch.tensor([0]), N, char_inputs=False, backward=True)
+    backwards = words[::-1]
+    for j in range(N):
+        assert x[0, j] == vocab.index(backwards[j])
+        expected = vocab.index(backwards[j + 1]) if j + 1 < N and backwards[j + 1] != "</S>" else pad
+        assert y[0, j] == expected, j
+    # one prediction per word and one boundary per sentence and direction: the sentence-mode count
+    assert int((y != pad).sum()) == sum(len(s) + 1 for s in STREAM)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Token shards (data.token_shard): a corpus tokenised once, on disk, memory-mapped
+# ---------------------------------------------------------------------------------------------------------
+def test_token_shard_equals_the_in_memory_corpus_and_is_reused(tmp_path):
+    """Catches shard bugs: ids in the wrong order after parallel tokenising, a lost or merged sentence,
+    boundaries in the wrong place, a word list out of frequency order, long lines not split, a shard
+    rebuilt instead of reused, or reused after its source file changed."""
+    lines = [" ".join(s) for s in synthetic_corpus(45_000, seed=2)]        # > 2 x 20k: two processes
+    lines[7] = ""                                                           # blank lines are dropped
+    lines[9] = " ".join(["long"] * 25)                                      # split at --max-length 10
+    f = tmp_path / "text.txt"
+    f.write_text("\n".join(lines) + "\n")
+    logs = []
+    path = data.token_shard({"files": [str(f)]}, str(tmp_path / "cache"), "whitespace", 10, workers=2,
+                            log=logs.append)
+    assert any("2 processes" in m for m in logs) and any("split 1 sentences" in m for m in logs)
+    sentences = [piece for line in lines for piece in data.split_long(line.split(), 10) if piece]
+    vocab = data.build_vocab(sentences, 12)                   # a small vocabulary: most words are <unk>
+    shard, memory = data.Corpus.open_shard(path, vocab), data.Corpus.from_sentences(sentences, vocab)
+    assert data.shard_words(path)[0][:12] == vocab            # the vocabulary is a prefix of the word list
+    assert shard.types == memory.types and torch.equal(shard.stream, memory.stream)
+    assert torch.equal(shard.lengths, memory.lengths) and shard.n_unk == memory.n_unk > 0
+    inputs, targets = shard.batch([8, 9, 10], char_inputs=True)            # line 9, split in 10 + 10 + 5
+    assert inputs[0].tolist() == [data.word_to_char_ids("long")] * 10 and inputs[2, 5:].eq(0).all()
+    assert targets[0, 1:11].tolist() == [vocab.index("<unk>")] * 10 and targets[0, 11] == 2   # ... </S>
+    # reused, not rebuilt; an edited file gets a new shard
+    logs.clear()
+    assert data.token_shard({"files": [str(f)]}, str(tmp_path / "cache"), "whitespace", 10, log=logs.append) == path
+    assert any("reused" in m for m in logs)
+    f.write_text("\n".join(lines[:100]) + "\n")
+    assert data.token_shard({"files": [str(f)]}, str(tmp_path / "cache"), "whitespace", 10, log=logs.append) != path
+    assert len(os.listdir(tmp_path / "cache")) == 2           # no temporary folders left behind
+
+
+def test_rare_words_keep_their_spelling():
+    """Catches a character table built from the softmax vocabulary only: a word outside the LM vocabulary
+    must reach the character CNN as its own characters; only its softmax target becomes <unk>."""
+    sentences = [["common"] * 5, ["common", "rarissimo"]]
+    vocab = data.build_vocab(sentences, 5)                    # SPECIALS + "common"
+    corpus = data.Corpus.from_sentences(sentences, vocab)
+    inputs, targets = corpus.batch([1], char_inputs=True)
+    assert inputs[0, 1].tolist() == data.word_to_char_ids("rarissimo")
+    assert targets[0, 2] == vocab.index("<unk>")
+    x, y = corpus.window(torch.tensor([7]), 2, char_inputs=True)          # <S> common -> rarissimo
+    assert x[0, 1].tolist() == data.word_to_char_ids("common") and y[0, 1] == vocab.index("<unk>")
+    words = ["common", "naïve", "x" * 60, "<S>", "</S>", "日本語" * 10]
+    assert data.char_table(words).tolist() == [data.word_to_char_ids(w) for w in words]
+
+
+def test_hub_data_takes_the_same_shard_path(tmp_path, monkeypatch):
+    """Catches a hub path that differs from the local-file path: a data set with a 'text' column (what
+    datasets.load_dataset returns, here made locally, so no network) gives the shard the same text as a
+    file gives; one without a 'text' column is a one-line user error."""
+    import datasets
+    lines = ["the cat sat", "", "a dog ran far"]
+    monkeypatch.setattr(data, "hub_dataset", lambda *args: datasets.Dataset.from_dict({"text": lines}))
+    source = {"dataset": "someone/corpus", "config": None, "split": "train", "local_flags": "--train-file"}
+    hub = data.token_shard(source, str(tmp_path), "whitespace", 100, log=lambda m: None)
+    (tmp_path / "same.txt").write_text("\n".join(lines) + "\n")
+    local = data.token_shard({"files": [str(tmp_path / "same.txt")]}, str(tmp_path), "whitespace", 100,
+                             log=lambda m: None)
+    assert data.shard_words(hub) == data.shard_words(local)
+    assert (open(os.path.join(hub, "tokens.i32"), "rb").read()
+            == open(os.path.join(local, "tokens.i32"), "rb").read())
+    monkeypatch.setattr(data, "hub_dataset", lambda *args: datasets.Dataset.from_dict({"body": lines}))
+    with pytest.raises(UserError, match="no 'text' column"):
+        data.token_shard({**source, "split": "validation"}, str(tmp_path), "whitespace", 100, log=lambda m: None)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Scalar mix
 # ---------------------------------------------------------------------------------------------------------
 def test_scalar_mix_is_a_softmax_weighted_sum():
@@ -444,9 +604,17 @@ def test_train_lm_end_to_end_then_eval_only(tiny_files, tiny_lm):
     assert r.returncode == 0, r.stderr
     m, m_train = json.loads(metrics.read_text()), json.loads((tiny_files / "train_metrics.json").read_text())
     assert set(m) >= {"ppl_forward", "ppl_backward", "ppl", "tokens"}
+    assert m["context"] == m_train["context"] == ckpt["args"]["context"] == "sentence"   # the default
     assert m["tokens"] == sum(len(s) + 1 for s in synthetic_corpus(50, 1))
     assert math.isclose(m["ppl"], m_train["ppl"], rel_tol=1e-4)
     assert m["ppl_forward"] < 15   # unigram perplexity of this corpus is ~21
+    # the same checkpoint evaluated as one stream: the same predictions, counted the same way
+    r = run_script("train_lm.py", "--eval-only", "--ckpt", tiny_lm, "--valid-file", tiny_files / "valid.txt",
+                   "--context", "stream", "--metrics-json", metrics)
+    assert r.returncode == 0, r.stderr
+    m_stream = json.loads(metrics.read_text())
+    assert m_stream["context"] == "stream" and m_stream["tokens"] == m["tokens"]
+    assert m_stream["ppl"] != m["ppl"] and m_stream["ppl_forward"] < 15
 
 
 def test_glove_initialises_known_words(tmp_path):
@@ -531,6 +699,9 @@ def bad_inputs(d, tiny_lm):
                                                                        "--skip-bad-lines"]),
         ("unknown flag", lm + ["--train-file", good, "--max-stepz", "3"], ["--max-stepz"]),
         ("negative budget", lm + ["--train-file", good, "--max-minutes", "-1"], ["--max-minutes"]),
+        ("stream window of one token", lm + ["--train-file", good, "--unroll", "1"], ["--unroll"]),
+        ("text shorter than two windows", lm + ["--train-file", good, "--context", "stream"],
+         ["shorter than 2 x --unroll 20"]),
         ("resume without checkpoint", lm + ["--train-file", good, "--resume"], ["--resume", "out.last.pt"]),
         ("cuda without cuda", lm + ["--train-file", good, "--device", "cuda"], ["available: cpu"]),
         ("offline hub", lm, ["--train-file"]),
@@ -667,13 +838,15 @@ def assert_resumed_equals_full(tmp_path, steps):
 
 
 @pytest.mark.slow
-def test_sigint_then_resume_equals_uninterrupted(tiny_files, tmp_path):
-    """Catches resume bugs (optimizer state, step counter, data position, RNG for dropout, lr schedule):
-    a run stopped by SIGINT and resumed ends with the same parameters as an uninterrupted run."""
+@pytest.mark.parametrize("context", ["stream", "sentence"])
+def test_sigint_then_resume_equals_uninterrupted(tiny_files, tmp_path, context):
+    """Catches resume bugs (optimizer state, step counter, data position, RNG for dropout, lr schedule,
+    and in the stream context the carried LSTM state): a run stopped by SIGINT and resumed ends with the
+    same parameters as an uninterrupted run."""
     import signal
     common = ["--preset", "tiny", "--train-file", tiny_files / "train.txt", "--valid-file",
               tiny_files / "valid.txt", "--max-steps", 24, "--batch-tokens", 300, "--threads", 1,
-              "--log-every", 1, "--dropout", 0.3, "--seed", 3]
+              "--log-every", 1, "--dropout", 0.3, "--seed", 3, "--context", context, "--unroll", 6]
     r = run_script("train_lm.py", *common, "--out", tmp_path / "full.pt")
     assert r.returncode == 0, r.stderr
     argv = [sys.executable, os.path.join(HERE, "train_lm.py"), *map(str, common), "--out", str(tmp_path / "cut.pt")]
