@@ -11,8 +11,10 @@ begin-of-word (258) / end-of-word (259) marks and padded with 260 to 50 position
 by +1 so that 0 can mean "no token here". The sentence boundaries <S> / </S> are the one-"character" words
 256 / 257; a literal "<S>" or "</S>" in the text maps to them too (AllenNLP does the same).
 
-Local files and hub data sets take one path: both become an iterable of raw lines, which `tokenize`
-splits and `encode_corpus` packs into one flat int32 tensor of token-type ids (memory: 4 bytes a token).
+Local files and hub data sets take one path (`token_shard`): both become an Arrow data set of raw lines
+(`datasets`), which is tokenised in parallel and written once, to disk, as a token shard: one flat int32
+stream of token-type ids (4 bytes a token) and the corpus's word list. Training memory-maps the stream
+(`Corpus.open_shard`), so memory does not grow with the corpus.
 """
 from __future__ import annotations
 

@@ -18,9 +18,12 @@ state, as ELMo reads them downstream; `stream`, as bilm-tf trained ELMo: every b
   python train_lm.py --preset cpu --train-file ../shared/data/ptb/ptb.train.txt \\
       --valid-file ../shared/data/ptb/ptb.valid.txt --max-minutes 15 --out ptb.pt
   python train_lm.py --device cuda --preset small --epochs 10 --out lm.pt
+  # bilm-tf's regime: 20-token windows of the running text, state carried between them
+  python train_lm.py --preset cpu --context stream --unroll 20 --train-file ../shared/data/ptb/ptb.train.txt \\
+      --valid-file ../shared/data/ptb/ptb.valid.txt --max-minutes 15 --out ptb_stream.pt
   # resume an interrupted run (Ctrl-C writes <out>.last.pt), or evaluate a checkpoint
   python train_lm.py --resume --out ptb.pt --train-file ... --valid-file ...
-  python train_lm.py --eval-only --ckpt ptb.pt --valid-file ../shared/data/ptb/ptb.valid.txt \
+  python train_lm.py --eval-only --ckpt ptb.pt --valid-file ../shared/data/ptb/ptb.valid.txt \\
       --context sentence     # default: the context it was trained in
 
 Perplexity: exp(mean negative log-likelihood per prediction); each sentence gives one prediction per token
@@ -176,9 +179,6 @@ def read_glove(path, vocab, dim, log):
     return vectors
 
 
-# ---------------------------------------------------------------------------------------------------------
-# evaluation
-# ---------------------------------------------------------------------------------------------------------
 # ---------------------------------------------------------------------------------------------------------
 # the two training contexts: whole sentences, or windows of a token stream with carried state
 # ---------------------------------------------------------------------------------------------------------
