@@ -387,6 +387,70 @@ def test_stream_windows_targets_and_unscored_restarts():
 
 
 # ---------------------------------------------------------------------------------------------------------
+# GPU readiness, tested without a GPU
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_bf16_autocast_training_step_matches_fp32(impl):
+    """Catches a training step that breaks under bf16 autocast, the path `--dtype auto` takes on CUDA, run
+    here through the CPU's autocast: a carried stream state whose dtype no longer matches the inputs, a
+    loss reduced in bf16, a non-finite gradient. Both contexts, forward and backward: the loss stays within
+    1e-3 (relative) of fp32 and the gradient within 5%, and bf16 was really used (the carried state is
+    bf16), so the test cannot pass with autocast silently off."""
+    sentences = synthetic_corpus(60, 0)
+    vocab = data.build_vocab(sentences, 40)
+    corpus = data.Corpus.from_sentences(sentences, vocab)
+    inputs, targets = corpus.batch(list(range(16)), True)
+    starts = torch.arange(4) * 100
+    windows = [[corpus.window(s, 10, True, backward) for backward in (False, True)] for s in (starts, starts + 10)]
+    torch.manual_seed(0)
+    model = BiLM(ELMoConfig(**{**PRESETS["tiny"], "vocab_size": len(vocab), "dropout": 0.0}), impl=impl)
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype == torch.bfloat16):
+            f, b, n = model.lm_nll(inputs, targets)
+            first = model.stream_nll(*windows[0])
+            second = model.stream_nll(*windows[1], state=first[4])
+        loss = (f + b) / (2 * n) + (second[0] + second[1]) / (second[2] + second[3])
+        model.zero_grad()
+        loss.backward()
+        grad = model.forward_lstm.layers[0].lstm.weight_hh_l0.grad.clone()
+        results[dtype] = loss.item(), grad, second[4][0][0][0].dtype
+    (loss32, grad32, _), (loss16, grad16, state_dtype) = results[torch.float32], results[torch.bfloat16]
+    assert state_dtype == torch.bfloat16
+    assert math.isfinite(loss16) and abs(loss16 - loss32) <= 1e-3 * abs(loss32)
+    assert torch.isfinite(grad16).all() and (grad16 - grad32).norm() <= 0.05 * grad32.norm()
+
+
+@pytest.mark.parametrize("impl,encoder", [("fused", "char"), ("reference", "char"), ("fused", "word")])
+def test_model_creates_no_tensor_on_the_default_device(impl, encoder):
+    """Catches a bare torch.zeros / arange / tensor inside the model or the loss: such a tensor lands on
+    the default device instead of the inputs' device, which is the first crash of a CUDA run. Here the
+    model and its inputs live on the CPU while the default device is 'meta', so any tensor the model makes
+    without taking its device from its inputs is a meta tensor, and mixing it with the CPU ones raises.
+    Covers the ELMo layers, the scalar mix with layer norm, the sentence LM loss with backward, and the
+    stream loss with a carried state."""
+    sentences = synthetic_corpus(20, 0)
+    vocab = data.build_vocab(sentences, 40)
+    corpus = data.Corpus.from_sentences(sentences, vocab)
+    char = encoder == "char"
+    inputs, targets = corpus.batch(list(range(8)), char)
+    windows = [corpus.window(torch.tensor([0, 60]), 5, char, backward) for backward in (False, True)]
+    torch.manual_seed(0)
+    model = BiLM(ELMoConfig(**{**PRESETS["tiny"], "vocab_size": len(vocab), "token_encoder": encoder,
+                               "softmax": "adaptive", "adaptive_cutoffs": [10]}), impl=impl)
+    mix = ScalarMix(model.config.n_layers + 1, layer_norm=True)
+    with torch.device("meta"):
+        out = model(inputs)
+        mixed = mix(out["activations"], out["mask"])
+        f, b, n = model.lm_nll(inputs, targets)
+        (f + b).backward()
+        state = model.stream_nll(*windows)[4]
+        f, b, _, _, _ = model.stream_nll(*windows, state=state)
+        (f + b).backward()
+    assert mixed.device.type == "cpu" and f.device.type == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Token shards (data.token_shard): a corpus tokenised once, on disk, memory-mapped
 # ---------------------------------------------------------------------------------------------------------
 def test_token_shard_equals_the_in_memory_corpus_and_is_reused(tmp_path):
