@@ -173,6 +173,7 @@ class CharCNN(nn.Module):
         self.max_width = max(width for width, _ in c.filters)
         self.highways = nn.ModuleList(Highway(c.n_filters) for _ in range(c.n_highway))
         self.proj = nn.Linear(c.n_filters, c.projection_dim)
+        self.unique = True       # run once per distinct token (exact); bench.py turns it off to measure it
 
     def encode_tokens(self, chars):                     # (N, W) -> (N, P)
         x = self.char_embed(chars).transpose(1, 2)      # (N, W) -> (N, W, C) -> (N, C, W) for Conv1d
@@ -184,10 +185,10 @@ class CharCNN(nn.Module):
             h = highway(h)
         return self.proj(h)                             # (N, F) -> (N, P)
 
-    def forward(self, chars, unique: bool = True):      # (B, T, W) -> (B, T, P)
+    def forward(self, chars, unique: bool | None = None):   # (B, T, W) -> (B, T, P)
         B, T, W = chars.shape
         flat = chars.reshape(B * T, W)                  # (B, T, W) -> (B*T, W)
-        if not unique:
+        if not (self.unique if unique is None else unique):
             return self.encode_tokens(flat).reshape(B, T, -1)
         # 1) Trim character positions that cannot change the result. A window of width k touches a real
         #    character only if it starts before the longest word ends (at `longest`); every window after

@@ -450,6 +450,24 @@ def test_model_creates_no_tensor_on_the_default_device(impl, encoder):
     assert mixed.device.type == "cpu" and f.device.type == "cpu"
 
 
+def test_bench_runs_every_configuration_and_reports_drift(tmp_path):
+    """Catches a broken bench.py: every combination of the flags gives one line and one JSON record with
+    tokens/s and peak memory, the per-token CNN switch reaches the model, and a bf16 inference line
+    reports its drift from the fp32 one (small, not zero)."""
+    out = tmp_path / "bench.json"
+    r = run_script("bench.py", "--preset", "tiny", "--mode", "infer", "train", "--lstm", "fused", "--cnn",
+                   "distinct", "token", "--dtype", "float32", "bfloat16", "--batch", "4x5", "--warmup", 0,
+                   "--repeats", 1, "--threads", 1, "--vocab-size", 50, "--json", out)
+    assert r.returncode == 0, r.stderr
+    results = json.loads(out.read_text())["results"]
+    assert len(results) == 2 * 2 * 2 and len(r.stdout.strip().splitlines()) == 2 + 8 + 1
+    assert all(x["tokens_per_s"] > 0 and x["peak_mib"] > 0 for x in results)
+    drifts = [x["drift_max_abs"] for x in results if x["mode"] == "infer" and x["dtype"] == "bfloat16"]
+    assert len(drifts) == 2 and all(0 < d < 0.5 for d in drifts)
+    r = run_script("bench.py", "--batch", "32by25")
+    assert_user_error(r, "--batch")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Token shards (data.token_shard): a corpus tokenised once, on disk, memory-mapped
 # ---------------------------------------------------------------------------------------------------------
