@@ -640,18 +640,16 @@ def test_tiny_lm_learns_structure():
 # ---------------------------------------------------------------------------------------------------------
 # train_lm.py end to end, as a user runs it
 # ---------------------------------------------------------------------------------------------------------
-SHARD_CACHE = None
+@pytest.fixture(scope="session", autouse=True)
+def shard_cache(tmp_path_factory):
+    """One temporary token-shard cache for every script the tests run (not the user's ~/.cache)."""
+    os.environ["ELMO_DATA_CACHE"] = str(tmp_path_factory.mktemp("shards"))
 
 
 def run_script(script, *args, env=None, timeout=300):
-    """Run a script as a user would; its token shards go to one temporary cache for the whole session."""
-    global SHARD_CACHE
-    if SHARD_CACHE is None:
-        import tempfile
-        SHARD_CACHE = tempfile.mkdtemp(prefix="elmo-test-shards-")
+    """Run a script as a user would."""
     return subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, cwd=HERE,
-                          env={**os.environ, "ELMO_DATA_CACHE": SHARD_CACHE, **(env or {})})
+                          text=True, timeout=timeout, cwd=HERE, env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -943,6 +941,67 @@ def test_sigint_then_resume_equals_uninterrupted(tiny_files, tmp_path, context):
     r = run_script("train_lm.py", *common, "--out", tmp_path / "cut.pt", "--resume")
     assert r.returncode == 0, r.stderr
     assert_resumed_equals_full(tmp_path, 24)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distributed pretraining: torchrun + DistributedDataParallel on the CPU (gloo)
+# ---------------------------------------------------------------------------------------------------------
+def torchrun(tmp_path, *args, nproc=2):
+    """train_lm.main under `torchrun --nproc_per_node=nproc`, each rank saving the parameters it ended with
+    as rank<R>.pt (what no single checkpoint can show: that the ranks agree)."""
+    wrapper = tmp_path / "ranks.py"
+    wrapper.write_text(f"import os, sys, torch\nsys.path.insert(0, {HERE!r})\nimport train_lm\n"
+                       f"model = train_lm.main(sys.argv[1:])\n"
+                       f"torch.save(model.state_dict(), os.path.join({str(tmp_path)!r}, "
+                       f"'rank' + os.environ['RANK'] + '.pt'))\n")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", str(wrapper), *map(str, args)], capture_output=True,
+                          text=True, timeout=300, cwd=HERE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("context", ["sentence", "stream"])
+def test_torchrun_two_processes_equal_one(tiny_files, tmp_path, context):
+    """Catches DDP bugs: ranks that drift apart (gradients not averaged), a rank reading the wrong part of
+    the data or the same part as another, a loss normalised per rank instead of per global batch, more
+    than one checkpoint or one with a DDP 'module.' prefix. Two processes x the same global batch must
+    end where one process ends, to float rounding."""
+    common = ["--preset", "tiny", "--train-file", tiny_files / "train.txt", "--valid-file",
+              tiny_files / "valid.txt", "--max-steps", 3, "--batch-tokens", 300, "--unroll", 6, "--threads", 1,
+              "--dropout", 0, "--context", context]
+    r = torchrun(tmp_path, *common, "--out", tmp_path / "two.pt")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{k}.pt", weights_only=True) for k in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), "the ranks' parameters differ"
+    assert sorted(p.name for p in tmp_path.glob("two*")) == ["two.last.pt", "two.pt"]
+    assert r.stdout.count("eval final") == 1                       # rank 0 alone logs and evaluates
+    load_elmo(str(tmp_path / "two.pt"))                            # no DDP prefix: loads as any biLM
+    r = run_script("train_lm.py", *common, "--out", tmp_path / "one.pt")
+    assert r.returncode == 0, r.stderr
+    one = torch.load(tmp_path / "one.pt", weights_only=True)["model"]
+    for k, v in one.items():
+        assert torch.allclose(v, rank0[k], atol=1e-5, rtol=0), k
+    start = BiLM(ELMoConfig.from_dict(torch.load(tmp_path / "one.pt", weights_only=True)["config"]))
+    assert not torch.allclose(start.forward_lstm.layers[0].lstm.weight_hh_l0,
+                              one["forward_lstm.layers.0.lstm.weight_hh_l0"], atol=1e-5)   # it trained
+
+
+@pytest.mark.slow
+def test_torchrun_resume_equals_uninterrupted(tiny_files, tmp_path):
+    """Catches distributed resume bugs: the carried stream state of every rank's rows (gathered into one
+    checkpoint, scattered back on resume), each rank's random state, the step count. Two processes, 3
+    steps, then --resume to 6, end with the parameters of 6 straight steps."""
+    common = ["--preset", "tiny", "--train-file", tiny_files / "train.txt", "--valid-file",
+              tiny_files / "valid.txt", "--batch-tokens", 300, "--unroll", 6, "--threads", 1,
+              "--dropout", 0.2, "--context", "stream", "--lr-schedule", "constant"]
+    for out, steps in (("full.pt", 6), ("cut.pt", 3)):
+        r = torchrun(tmp_path, *common, "--max-steps", steps, "--out", tmp_path / out)
+        assert r.returncode == 0, r.stderr[-3000:]
+    state = torch.load(tmp_path / "cut.last.pt", weights_only=True)["context_state"]["state"]
+    assert state[0][0][0].shape[0] == 300 // 6                     # every row's state, from both ranks
+    r = torchrun(tmp_path, *common, "--max-steps", 6, "--out", tmp_path / "cut.pt", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_resumed_equals_full(tmp_path, 6)
 
 
 def test_nan_loss_stops_without_overwriting(tiny_files, tmp_path):

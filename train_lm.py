@@ -187,8 +187,9 @@ class SentenceBatches:
     zero state, as ELMo reads sentences downstream. The order is shuffled each epoch (seed + epoch), which
     is what lets --resume skip to the exact batch where a run stopped."""
 
-    def __init__(self, corpus, batch_tokens, seed, char_inputs):
+    def __init__(self, corpus, batch_tokens, seed, char_inputs, rank=0, world=1):
         self.corpus, self.batch_tokens, self.seed, self.char_inputs = corpus, batch_tokens, seed, char_inputs
+        self.rank, self.world = rank, world      # distributed: every rank takes every world-th sentence
 
     def __len__(self):
         return len(self.batches)
@@ -197,12 +198,15 @@ class SentenceBatches:
         self.batches = data.bucket_batches(self.corpus.lengths, self.batch_tokens, self.seed + epoch)
 
     def nll(self, model, i, device):
-        """Batch i -> summed NLL forward, backward, and the predictions counted in each."""
-        inputs, targets = self.corpus.batch(self.batches[i], self.char_inputs)
+        """Batch i (this rank's share of it) -> summed NLL forward, backward, and the predictions counted."""
+        part, weight = self.batches[i][self.rank::self.world], 1
+        if not part:                 # fewer sentences than ranks: run one, count nothing (DDP needs a graph)
+            part, weight = self.batches[i][:1], 0
+        inputs, targets = self.corpus.batch(part, self.char_inputs)
         nll_f, nll_b, n = model.lm_nll(inputs.to(device), targets.to(device))
-        return nll_f, nll_b, n, n
+        return nll_f * weight, nll_b * weight, n * weight, n * weight
 
-    def state_dict(self):
+    def state_dict(self, dist):
         return {}
 
     def load_state_dict(self, state):
@@ -222,7 +226,7 @@ class StreamBatches:
     with the stretches shifted by a random offset below `unroll` (seed + epoch), so that windows do not cut
     the text at the same places every epoch."""
 
-    def __init__(self, corpus, rows, unroll, seed, char_inputs, log=print):
+    def __init__(self, corpus, rows, unroll, seed, char_inputs, log=print, rank=0, world=1):
         if (len(corpus.stream) - 1) // rows < 2 * unroll:       # a tiny text: fewer rows, each 2 windows
             rows = (len(corpus.stream) - 1) // (2 * unroll)
             if rows < 1:
@@ -232,13 +236,18 @@ class StreamBatches:
             log(f"stream context: the training text is short, so {rows} rows of {2 * unroll}+ tokens")
         self.corpus, self.rows, self.unroll, self.seed, self.char_inputs = corpus, rows, unroll, seed, char_inputs
         self.row_length = (len(corpus.stream) - 1) // rows      # tokens with a target, per stretch
+        # distributed: each rank reads its own block of rows; the global batch is the same for any world
+        if rows < world:
+            raise UserError(f"--context stream: {rows} rows (--batch-tokens / --unroll) for {world} processes; "
+                            f"raise --batch-tokens")
+        self.mine = slice(rank * rows // world, (rank + 1) * rows // world)
 
     def __len__(self):
         return (self.row_length - self.unroll) // self.unroll    # room for the shift below
 
     def start_epoch(self, epoch):
         shift = random.Random(self.seed + epoch).randrange(self.unroll)
-        self.starts = torch.arange(self.rows) * self.row_length + shift           # (rows,)
+        self.starts = (torch.arange(self.rows) * self.row_length + shift)[self.mine]   # (this rank's rows,)
         self.state = None                                                          # zero state
 
     def nll(self, model, i, device):
@@ -251,18 +260,90 @@ class StreamBatches:
         self.state = map_state(torch.Tensor.detach, state)
         return nll_f, nll_b, n_f, n_b
 
-    def state_dict(self):        # the carried state goes into <out>.last.pt: --resume continues it exactly
-        return {"state": self.state}
+    def state_dict(self, dist):
+        """The carried state of *all* rows (gathered from every rank, in row order) for <out>.last.pt, so
+        --resume continues it exactly, with any number of processes."""
+        states = dist.gather(map_state(lambda s: s.cpu(), self.state))
+        return {"state": map_state(lambda *parts: torch.cat(parts), *states)}
 
     def load_state_dict(self, state):
-        self.state = state.get("state")
+        self.state = map_state(lambda s: s[self.mine], state.get("state"))
 
 
-def map_state(fn, state):
-    """fn applied to every tensor of a carried LSTM state (nested tuples of tensors; None stays None)."""
-    if state is None or isinstance(state, torch.Tensor):
-        return None if state is None else fn(state)
-    return type(state)(map_state(fn, s) for s in state)
+def map_state(fn, *states):
+    """fn applied to the tensors at the same place of one or more carried LSTM states (nested tuples of
+    tensors); None stays None."""
+    if states[0] is None or isinstance(states[0], torch.Tensor):
+        return None if states[0] is None else fn(*states)
+    return type(states[0])(map_state(fn, *parts) for parts in zip(*states))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# distributed training: torchrun + DistributedDataParallel
+# ---------------------------------------------------------------------------------------------------------
+class Distributed:
+    """The process group that `torchrun` describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK):
+    gloo on the CPU, NCCL on CUDA, one GPU per process. A plain `python train_lm.py` is rank 0 of 1, and
+    then every method below is the identity: the single-process path runs the same code, talking to no one.
+    Rank 0 alone logs, evaluates and writes checkpoints; whatever must agree across ranks (the prediction
+    count of a step, a NaN, a stop signal, the time budget) is agreed through `reduce`."""
+
+    def __init__(self, device):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = device
+        if self.world > 1:
+            if device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model, find_unused: bool):
+        """The model's losses behind DistributedDataParallel, which averages gradients over the ranks
+        during backward. DDP only watches forward(), and the biLM's losses are methods, so a small module
+        whose forward is `batches.nll(model, i, device)` stands in between."""
+        loss = LMLoss(model)
+        if self.world == 1:
+            return loss
+        return torch.nn.parallel.DistributedDataParallel(
+            loss, device_ids=[self.device] if self.device.type == "cuda" else None,
+            find_unused_parameters=find_unused)
+
+    def reduce(self, values, op: str = "sum") -> list:
+        """Numbers from every rank -> their sum (or max), the same list on every rank."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM if op == "sum" else
+                                     torch.distributed.ReduceOp.MAX)
+        return t.tolist()
+
+    def gather(self, obj) -> list:
+        """Any picklable object from every rank -> the list of them, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def close(self):
+        if self.world > 1:
+            torch.distributed.destroy_process_group()
+
+
+class LMLoss(torch.nn.Module):
+    """forward(batches, i, device) = batch i's summed NLLs: the biLM's loss as a forward(), for DDP."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batches, i, device):
+        return batches.nll(self.model, i, device)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -353,6 +434,12 @@ def main(argv=None):
         write_metrics(args.metrics_json, metrics)
         return
 
+    # ---- processes: one, or torchrun's (see Distributed) ----------------------------------------------
+    dist = Distributed(device)
+    device = dist.device
+    if not dist.main:
+        log = lambda msg: None   # noqa: E731  (rank 0 alone speaks)
+
     # ---- checkpoint to resume -----------------------------------------------------------------------
     resume = None
     if args.resume:
@@ -367,16 +454,20 @@ def main(argv=None):
         raise UserError(f"--out directory does not exist: {out_dir}")
 
     # ---- data ---------------------------------------------------------------------------------------
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    random.seed(args.seed + dist.rank)        # each rank its own dropout masks; DDP gives all rank 0's weights
+    torch.manual_seed(args.seed + dist.rank)
     t0 = time.time()
     if resume:                        # the run's own batching, whatever this command line says
         for name, old_default in (("context", "sentence"), ("unroll", 20), ("batch_tokens", 2000)):
             setattr(args, name, resume["args"].get(name, old_default))
     args.context = args.context or "sentence"
+    if not dist.main:                         # rank 0 builds the token shards, the others then open them
+        torch.distributed.barrier()
     train, vocab = load_corpus(args.train_file, "train", args, log, vocab=resume["vocab"] if resume else None)
     valid = load_corpus(args.valid_file, "validation", args, log, vocab)[0] \
         if (args.valid_file or not args.train_file) else None
+    if dist.main and dist.world > 1:
+        torch.distributed.barrier()
     log(f"data: train {len(train):,} sentences {train.n_tokens:,} tokens ({train.n_unk:,} <unk>), "
         + (f"valid {len(valid):,} sentences {valid.n_tokens:,} tokens ({valid.n_unk:,} <unk>), "
            if valid else "no validation data, ")
@@ -416,29 +507,37 @@ def main(argv=None):
         opt.load_state_dict(resume["optimizer"])
         step, epoch, batch_in_epoch = resume["step"], resume["epoch"], resume["batch_in_epoch"]
         trained_s, best = resume["trained_seconds"], resume["best"]
-        torch.set_rng_state(resume["rng"]["torch"])
-        random.setstate(_to_tuple(resume["rng"]["python"]))
+        rng = resume["rng"]                   # one state per rank (older checkpoints: one state)
+        torch.set_rng_state(rng["torch"][dist.rank] if isinstance(rng["torch"], list) else rng["torch"])
+        random.setstate(_to_tuple(rng["python"][dist.rank] if isinstance(rng["python"], list) else rng["python"]))
         log(f"resumed from {last_path(args.out)}: step {step}, epoch {epoch + 1}, batch {batch_in_epoch}, "
             f"best valid ppl {best:.2f}")
     counts = count_parameters(model)
     log(f"device {device} | dtype {str(dtype).replace('torch.', '')} | lstm {model.lstm_impl} | threads "
-        f"{torch.get_num_threads()} | parameters: biLM {counts['bilm']:,} (without softmax) + softmax "
+        f"{torch.get_num_threads()} | processes {dist.world} | parameters: biLM {counts['bilm']:,} (without softmax) + softmax "
         f"{counts['softmax']:,}")
     log("config " + json.dumps(asdict(config)))
 
-    def checkpoint(path):
+    def checkpoint(best_too: bool):
+        """<out>.last.pt, and --out too when the model is the best so far. Every rank calls this (the
+        stream state and the random states are gathered from all of them); rank 0 writes the one file."""
         if not all_finite(model):
             abort_nonfinite("the parameters are no longer finite", step, last_path(args.out))
-        atomic_save({
-            "format": CHECKPOINT_FORMAT, "kind": "bilm", "config": asdict(config), "vocab": vocab,
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch, "context_state": train_batches.state_dict(),
-            "trained_seconds": trained_s, "best": best,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}, "args": vars(args),
-        }, path)
+        context_state = train_batches.state_dict(dist)
+        rng = dist.gather((torch.get_rng_state(), random.getstate()))
+        if not dist.main:
+            return
+        ckpt = {"format": CHECKPOINT_FORMAT, "kind": "bilm", "config": asdict(config), "vocab": vocab,
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch, "context_state": context_state,
+                "trained_seconds": trained_s, "best": best, "args": vars(args),
+                "rng": {"torch": [r[0] for r in rng], "python": [r[1] for r in rng]}}
+        if best_too:
+            atomic_save(ckpt, args.out)
+        atomic_save(ckpt, last_path(args.out))
 
     # ---- loop ---------------------------------------------------------------------------------------
-    stop = {"signal": None}
+    stop = {"signal": None, "agreed": False}
 
     def on_signal(signum, frame):
         if stop["signal"]:             # a second Ctrl-C: stop now
@@ -451,9 +550,10 @@ def main(argv=None):
     char_inputs = config.token_encoder == "char"
     if args.context == "stream":
         train_batches = StreamBatches(train, max(1, args.batch_tokens // args.unroll), args.unroll, args.seed,
-                                      char_inputs, log)
+                                      char_inputs, log, dist.rank, dist.world)
     else:
-        train_batches = SentenceBatches(train, args.batch_tokens, args.seed, char_inputs)
+        train_batches = SentenceBatches(train, args.batch_tokens, args.seed, char_inputs, dist.rank, dist.world)
+    lm_loss = dist.wrap(model, find_unused=config.softmax == "adaptive")   # tail clusters may see no target
     train_batches.start_epoch(epoch)
     if resume:                         # the carried stream state: resume continues it exactly
         train_batches.load_state_dict(resume.get("context_state", {}))
@@ -473,7 +573,7 @@ def main(argv=None):
 
     def run_eval(tag):
         nonlocal best
-        if valid is None:
+        if valid is None or not dist.main:
             return None
         t = time.time()
         metrics = evaluate(model, valid, args.context, args, device, autocast)
@@ -495,10 +595,15 @@ def main(argv=None):
             t_step = time.time()
             set_lr()
             with autocast():
-                nll_f, nll_b, n_f, n_b = train_batches.nll(model, batch_in_epoch, device)
-            loss = (nll_f + nll_b) / (n_f + n_b)
-            if not math.isfinite(loss.item()):
-                abort_nonfinite(f"loss is {loss.item()}", step + 1, last_path(args.out))
+                nll_f, nll_b, n_f, n_b = lm_loss(train_batches, batch_in_epoch, device)
+            # the mean over the predictions of the *global* batch: DDP averages the ranks' gradients, so
+            # each rank scales its sum by world / (all ranks' count); one process: (nll_f + nll_b) / n
+            local = float((nll_f + nll_b).detach())
+            count, bad = dist.reduce([n_f + n_b, 0.0 if math.isfinite(local) else 1.0])
+            if bad:                            # a NaN on any rank stops every rank
+                abort_nonfinite(f"loss is {local if not math.isfinite(local) else 'not finite on another rank'}",
+                                step + 1, last_path(args.out))
+            loss = (nll_f + nll_b) / (count / dist.world)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if args.clip_norm:
@@ -506,7 +611,9 @@ def main(argv=None):
             opt.step()
             step += 1
             batch_in_epoch += 1
-            trained_s += time.time() - t_step
+            # the ranks agree on the time spent and on a stop signal, so that they stop at the same step
+            trained_s, stopping = dist.reduce([trained_s + time.time() - t_step, bool(stop["signal"])], "max")
+            stop["agreed"] = bool(stopping)
             window["loss_f"] += nll_f.item()
             window["loss_b"] += nll_b.item()
             window["n_f"] += n_f
@@ -514,20 +621,19 @@ def main(argv=None):
             window["steps"] += 1
             if step % args.log_every == 0 or step == 1:
                 elapsed = time.time() - window["t"]
-                lf, lb = window["loss_f"] / window["n_f"], window["loss_b"] / window["n_b"]
+                loss_f, loss_b, n_f, n_b = dist.reduce([window[k] for k in ("loss_f", "loss_b", "n_f", "n_b")])
+                lf, lb = loss_f / n_f, loss_b / n_b
                 eta = (trained_s / progress() - trained_s) if progress() > 0 else 0
                 log(f"step {step:6d} | epoch {epoch + 1} | loss {(lf + lb) / 2:.3f} | ppl fwd {math.exp(lf):7.1f} "
                     f"bwd {math.exp(lb):7.1f} mean {math.exp((lf + lb) / 2):7.1f} | lr {opt.param_groups[0]['lr']:.2e} | "
-                    f"{1000 * elapsed / window['steps']:.0f} ms/step | {window['n_f'] / elapsed:,.0f} tok/s | "
+                    f"{1000 * elapsed / window['steps']:.0f} ms/step | {n_f / elapsed:,.0f} tok/s | "
                     f"ETA {fmt_time(eta)}")
                 window = {"loss_f": 0.0, "loss_b": 0.0, "n_f": 0, "n_b": 0, "steps": 0, "t": time.time()}
-            done = step >= total_steps or bool(budget_s and trained_s >= budget_s) or bool(stop["signal"])
+            done = step >= total_steps or bool(budget_s and trained_s >= budget_s) or stop["agreed"]
             if args.eval_every and step % args.eval_every == 0 and not done:
                 t_eval = time.time()
                 result = run_eval("periodic")
-                if result and result[1]:
-                    checkpoint(args.out)
-                checkpoint(last_path(args.out))
+                checkpoint(best_too=bool(result and result[1]))
                 trained_s += time.time() - t_eval
                 window["t"] += time.time() - t_eval
             if done:
@@ -538,28 +644,27 @@ def main(argv=None):
             if not done and not args.eval_every and epoch < args.epochs:
                 t_eval = time.time()
                 result = run_eval(f"epoch {epoch}")
-                if result and result[1]:
-                    checkpoint(args.out)
-                checkpoint(last_path(args.out))
+                checkpoint(best_too=bool(result and result[1]))
                 trained_s += time.time() - t_eval
                 window["t"] += time.time() - t_eval
             done = done or epoch >= args.epochs
 
     # ---- end: final evaluation and checkpoints ------------------------------------------------------
-    if stop["signal"]:
-        checkpoint(last_path(args.out))
-        log(f"stopped by {stop['signal']} at step {step}; saved {last_path(args.out)}. Resume with the same "
-            f"command plus --resume")
-        return
+    if stop["agreed"]:
+        checkpoint(best_too=False)
+        log(f"stopped by {stop['signal'] or 'a signal to another rank'} at step {step}; saved "
+            f"{last_path(args.out)}. Resume with the same command plus --resume")
+        dist.close()
+        return model
     result = run_eval("final")
-    if result is None or result[1]:
-        checkpoint(args.out)
-    checkpoint(last_path(args.out))      # after the final evaluation, so --resume knows the final best
+    checkpoint(best_too=result is None or result[1])   # after the final evaluation: --resume knows the best
     if result:
         metrics = result[0]
         write_metrics(args.metrics_json, {**metrics, "step": step, "trained_seconds": round(trained_s, 1)})
     log(f"done: {step} steps in {fmt_time(trained_s)} of training; best valid ppl {best:.2f}; "
         f"checkpoints {args.out} (best) and {last_path(args.out)} (last)")
+    dist.close()
+    return model
 
 
 def _to_tuple(x):
