@@ -117,6 +117,8 @@ def parse_args(argv=None):
                    help="autocast dtype; auto = bfloat16 on cuda, float32 elsewhere")
     g.add_argument("--lstm-impl", default="auto", choices=["auto", "reference", "fused"],
                    help="auto: fused nn.LSTM unless clipping is on")
+    g.add_argument("--compile", action="store_true", help="torch.compile the token encoder and the LSTM "
+                   "stacks (in place: checkpoints keep their keys); the first steps compile (minutes on a CPU)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     g.add_argument("--seed", type=int, default=1)
     g.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
@@ -553,6 +555,9 @@ def main(argv=None):
                                       char_inputs, log, dist.rank, dist.world)
     else:
         train_batches = SentenceBatches(train, args.batch_tokens, args.seed, char_inputs, dist.rank, dist.world)
+    if args.compile:                   # the distinct-token CNN's data-dependent shapes break its graph: fine
+        for module in (model.token_encoder, model.forward_lstm, model.backward_lstm):
+            module.compile()
     lm_loss = dist.wrap(model, find_unused=config.softmax == "adaptive")   # tail clusters may see no target
     train_batches.start_epoch(epoch)
     if resume:                         # the carried stream state: resume continues it exactly
