@@ -1006,6 +1006,32 @@ def test_torchrun_resume_equals_uninterrupted(tiny_files, tmp_path):
 
 
 @pytest.mark.slow
+def test_torchrun_ctrl_c_stops_every_rank_and_resumes(tiny_files, tmp_path):
+    """Catches a distributed stop that hangs or loses work: Ctrl-C to torchrun (which passes a signal on to
+    its workers) stops both ranks at the same step, rank 0 writes <out>.last.pt, and --resume finishes.
+    Also a NaN on the ranks stops all of them (exit status 3 from each, no hang)."""
+    import signal
+    common = ["--preset", "tiny", "--train-file", tiny_files / "train.txt", "--valid-file",
+              tiny_files / "valid.txt", "--batch-tokens", 300, "--threads", 1, "--log-every", 1]
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            os.path.join(HERE, "train_lm.py"), *map(str, common), "--max-steps", "400", "--out",
+            str(tmp_path / "cut.pt")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=HERE)
+    _wait_for(proc, "step      5 ")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert "stopped by" in out and "--resume" in out
+    stopped = torch.load(tmp_path / "cut.last.pt", weights_only=True)["step"]
+    assert 5 <= stopped < 400
+    r = torchrun(tmp_path, *common, "--max-steps", stopped + 3, "--out", tmp_path / "cut.pt", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert torch.load(tmp_path / "cut.last.pt", weights_only=True)["step"] == stopped + 3
+    r = torchrun(tmp_path, *common, "--optimizer", "sgd", "--lr", 1e12, "--clip-norm", 0, "--max-steps", 50,
+                 "--out", tmp_path / "nan.pt")
+    assert r.returncode != 0 and r.stderr.count("error: loss is") == 2     # both ranks, same message
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="torch.compile on the CPU needs "
                     "a C compiler")
 def test_compile_trains_like_eager(tiny_files, tmp_path):

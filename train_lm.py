@@ -362,9 +362,13 @@ def evaluate(model, corpus, context, args, device, autocast):
     run = evaluate_sentences if context == "sentence" else evaluate_stream
     nll_f, nll_b, n = run(model, corpus, args, device, autocast)
     model.train()
-    ppl = lambda nll: math.exp(nll) if nll < 700 else float("inf")   # noqa: E731  (no OverflowError)
-    return {"ppl_forward": ppl(nll_f / n), "ppl_backward": ppl(nll_b / n), "ppl": ppl((nll_f + nll_b) / (2 * n)),
-            "tokens": n, "context": context}
+    return {"ppl_forward": perplexity(nll_f / n), "ppl_backward": perplexity(nll_b / n),
+            "ppl": perplexity((nll_f + nll_b) / (2 * n)), "tokens": n, "context": context}
+
+
+def perplexity(mean_nll: float) -> float:
+    """exp(mean NLL), inf instead of an OverflowError for a diverging model."""
+    return math.exp(mean_nll) if mean_nll < 700 else float("inf")
 
 
 def evaluate_sentences(model, corpus, args, device, autocast):
@@ -629,8 +633,8 @@ def main(argv=None):
                 loss_f, loss_b, n_f, n_b = dist.reduce([window[k] for k in ("loss_f", "loss_b", "n_f", "n_b")])
                 lf, lb = loss_f / n_f, loss_b / n_b
                 eta = (trained_s / progress() - trained_s) if progress() > 0 else 0
-                log(f"step {step:6d} | epoch {epoch + 1} | loss {(lf + lb) / 2:.3f} | ppl fwd {math.exp(lf):7.1f} "
-                    f"bwd {math.exp(lb):7.1f} mean {math.exp((lf + lb) / 2):7.1f} | lr {opt.param_groups[0]['lr']:.2e} | "
+                log(f"step {step:6d} | epoch {epoch + 1} | loss {(lf + lb) / 2:.3f} | ppl fwd {perplexity(lf):7.1f} "
+                    f"bwd {perplexity(lb):7.1f} mean {perplexity((lf + lb) / 2):7.1f} | lr {opt.param_groups[0]['lr']:.2e} | "
                     f"{1000 * elapsed / window['steps']:.0f} ms/step | {n_f / elapsed:,.0f} tok/s | "
                     f"ETA {fmt_time(eta)}")
                 window = {"loss_f": 0.0, "loss_b": 0.0, "n_f": 0, "n_b": 0, "steps": 0, "t": time.time()}
