@@ -1,12 +1,14 @@
 """Benchmark the biLM: tokens per second and peak memory of inference and of training steps.
 
-Every combination of the flags below is one configuration: a fixed batch of B sentences x T tokens
-(Zipf-distributed words of 2-10 letters, so the distinct-token character CNN sees the repetition real text
-has), `--warmup` untimed calls, then the median of `--repeats` timed calls. One line per configuration,
+Every combination of the flags below is one configuration: batches of B sentences x T tokens (Zipf-
+distributed words of 2-10 letters, so the distinct-token character CNN sees the repetition real text has;
+a new batch for every call, as real text comes), `--warmup` untimed calls, then the median of `--repeats`
+timed calls. One line per configuration,
 and everything in `--json`. "infer" is what ELMo runs downstream: `BiLM.forward` (all layers) under
 no_grad, from zero state. "train" is one pretraining step: the sentence LM loss of both directions,
-backward, gradient clipping and an Adam step. Inference in bf16 also reports its drift: the largest
-absolute difference of the top layer from the same configuration in fp32.
+backward, gradient clipping and an Adam step. Inference lines after the first of a preset, LSTM path and
+batch report their drift from it: the largest absolute difference of the top layer (fp32 runs first, so
+bf16 lines show what bf16 costs, and the other CNN modes show that they compute the same numbers).
 
 Peak memory: on CUDA `torch.cuda.max_memory_allocated` (reset per configuration); on the CPU the process's
 peak resident set size (VmHWM, reset per configuration through /proc/self/clear_refs where Linux allows).
@@ -45,13 +47,17 @@ def parse_args(argv=None):
     g.add_argument("--mode", nargs="+", default=["infer", "train"], choices=["infer", "train"])
     g.add_argument("--lstm", nargs="+", default=["fused", "reference"], choices=["fused", "reference"],
                    help="fused nn.LSTM, or the explicit reference cell (the one that can clip)")
-    g.add_argument("--cnn", nargs="+", default=["distinct"], choices=["distinct", "token"],
-                   help="character CNN once per distinct token of the batch, or once per token")
+    g.add_argument("--cnn", nargs="+", default=["distinct"], choices=["distinct", "token", "remembered"],
+                   help="character CNN once per distinct token of the batch, once per token, or (inference) "
+                   "once per token ever seen: CharCNN.remember_tokens, filled during the warm-up")
     g.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
                    help="autocast dtype (bfloat16 on CPU needs AVX512-BF16 or AMX to be fast)")
     g.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"],
                    help="torch.compile the model (the first calls compile: raise --warmup)")
     g.add_argument("--batch", nargs="+", default=["32x25"], help="B x T: sentences x tokens")
+    g.add_argument("--text", help="draw the batches from this text file (one sentence a line, whitespace "
+                   "tokens; lines of at least T words, cut to T) instead of made-up Zipf words; real text "
+                   "matters for --cnn remembered, whose gain depends on how often words repeat")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
@@ -72,13 +78,20 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------------------
 # inputs and memory
 # ---------------------------------------------------------------------------------------------------------
-def make_batch(B, T, vocab_size, seed=0):
-    """B sentences of T words (Zipf over 5,000 made-up words) -> char ids (B, T, W), LM targets (B, T+2)."""
-    rng = random.Random(seed)
-    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 10)))
-             for _ in range(5000)]
-    weights = [1 / (k + 1) for k in range(len(words))]
-    sentences = [rng.choices(words, weights, k=T) for _ in range(B)]
+def make_batch(B, T, vocab_size, seed=0, text=None):
+    """Batch number `seed`: B sentences of T words (from `text`, a list of sentences, in order; else drawn
+    from one Zipf distribution over 5,000 made-up words) -> char ids (B, T, W), LM targets (B, T+2)."""
+    if text is not None:
+        if not text:
+            raise UserError(f"--text has no line of at least {T} words (the batch's T)")
+        sentences = [text[(seed * B + b) % len(text)] for b in range(B)]
+    else:
+        made_up = random.Random(0)                     # the same words for every batch
+        words = ["".join(made_up.choices("abcdefghijklmnopqrstuvwxyz", k=made_up.randint(2, 10)))
+                 for _ in range(5000)]
+        weights = [1 / (k + 1) for k in range(len(words))]
+        rng = random.Random(seed)
+        sentences = [rng.choices(words, weights, k=T) for _ in range(B)]
     targets = torch.randint(4, vocab_size, (B, T + 2), generator=torch.Generator().manual_seed(seed))
     targets[:, 0], targets[:, -1] = 1, 2                   # <S> ... </S>
     return data.batch_to_ids(sentences), targets
@@ -108,20 +121,23 @@ def peak_mib(device) -> float:
 # ---------------------------------------------------------------------------------------------------------
 # one configuration
 # ---------------------------------------------------------------------------------------------------------
-def run_config(cfg, args, device, reference_outputs):
+def run_config(cfg, args, device, reference_outputs, text):
     preset, mode, lstm, cnn, dtype_name, compiled, (B, T) = cfg
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)
     vocab = args.vocab_size if mode == "train" else 0
     model = BiLM(ELMoConfig(**PRESETS[preset], vocab_size=vocab), impl=lstm).to(device)
-    model.token_encoder.unique = cnn == "distinct"
-    ids, targets = (t.to(device) for t in make_batch(B, T, max(vocab, 5)))
+    model.token_encoder.unique = cnn != "token"
+    if cnn == "remembered":
+        model.token_encoder.remember_tokens()
+    batches = [[t.to(device) for t in make_batch(B, T, max(vocab, 5), seed=k, text=text)]
+               for k in range(args.warmup + args.repeats)]
     run = torch.compile(model) if compiled == "on" else model
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     if mode == "infer":
         model.eval()
 
-        def call():
+        def call(ids, targets):
             with torch.no_grad(), autocast:
                 return run(ids)["activations"][-1]
     else:
@@ -129,7 +145,7 @@ def run_config(cfg, args, device, reference_outputs):
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         lm_nll = torch.compile(model.lm_nll) if compiled == "on" else model.lm_nll
 
-        def call():
+        def call(ids, targets):
             with autocast:
                 nll_f, nll_b, n = lm_nll(ids, targets)
             loss = (nll_f + nll_b) / (2 * n)
@@ -139,30 +155,30 @@ def run_config(cfg, args, device, reference_outputs):
             opt.step()
             return loss
 
-    def synced():
-        out = call()
+    def synced(batch):
+        out = call(*batch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return out
 
     reset_peak(device)
-    for _ in range(args.warmup):
-        synced()
+    for batch in batches[: args.warmup]:
+        synced(batch)
     times = []
-    for _ in range(args.repeats):
+    for batch in batches[args.warmup:]:
         t = time.perf_counter()
-        out = synced()
+        out = synced(batch)
         times.append(time.perf_counter() - t)
     seconds = statistics.median(times)
     result = {"preset": preset, "mode": mode, "lstm": lstm, "cnn": cnn, "dtype": dtype_name,
               "compile": compiled, "batch": f"{B}x{T}", "ms": round(1000 * seconds, 2),
               "tokens_per_s": round(B * T / seconds), "peak_mib": round(peak_mib(device)),
               "parameters": count_parameters(model)["bilm"]}
-    if mode == "infer":
-        key = (preset, lstm, cnn, compiled, B, T)
-        if dtype == torch.float32:
+    if mode == "infer":              # drift from the first inference line of this preset/LSTM/batch
+        key = (preset, lstm, compiled, B, T)
+        if key not in reference_outputs:
             reference_outputs[key] = out.float().cpu()
-        elif key in reference_outputs:
+        else:
             result["drift_max_abs"] = float((out.float().cpu() - reference_outputs[key]).abs().max())
     return result
 
@@ -179,18 +195,20 @@ def main(argv=None):
                                                                               platform.machine())
     print(f"device {device} ({name}) | torch {torch.__version__} | threads {torch.get_num_threads()} | "
           f"warmup {args.warmup}, median of {args.repeats}", flush=True)
-    # fp32 before bf16, so that each bf16 inference line can report its drift from the fp32 one
+    text = [line.split() for _, line in data.read_lines(args.text)] if args.text else None
+    # fp32 before bf16, so that bf16 inference lines report their drift from an fp32 one
     dtypes = sorted(args.dtype, key=lambda d: d != "float32")
-    configs = list(itertools.product(args.preset, args.mode, args.lstm, args.cnn, dtypes, args.compile,
-                                     args.batch))
-    print(f"{'preset':9} {'mode':5} {'lstm':9} {'cnn':8} {'dtype':8} {'compile':7} {'batch':7} "
+    configs = [c for c in itertools.product(args.preset, args.mode, args.lstm, args.cnn, dtypes, args.compile,
+                                            args.batch) if not (c[1] == "train" and c[3] == "remembered")]
+    print(f"{'preset':9} {'mode':5} {'lstm':9} {'cnn':10} {'dtype':8} {'compile':7} {'batch':7} "
           f"{'ms':>9} {'tokens/s':>10} {'peak MiB':>9}  drift", flush=True)
     results, reference_outputs = [], {}
     for cfg in configs:
-        r = run_config(cfg, args, device, reference_outputs)
+        r = run_config(cfg, args, device, reference_outputs,
+                       [s[:cfg[-1][1]] for s in text if len(s) >= cfg[-1][1]] if text else None)
         results.append(r)
         drift = f"{r['drift_max_abs']:.1e}" if "drift_max_abs" in r else ""
-        print(f"{r['preset']:9} {r['mode']:5} {r['lstm']:9} {r['cnn']:8} {r['dtype']:8} {r['compile']:7} "
+        print(f"{r['preset']:9} {r['mode']:5} {r['lstm']:9} {r['cnn']:10} {r['dtype']:8} {r['compile']:7} "
               f"{r['batch']:7} {r['ms']:9.1f} {r['tokens_per_s']:10,} {r['peak_mib']:9,}  {drift}", flush=True)
     with open(args.json + ".tmp", "w") as f:
         json.dump({"device": str(device), "device_name": name, "torch": torch.__version__,

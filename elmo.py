@@ -40,7 +40,9 @@ Deviations from the paper / bilm-tf and from AllenNLP, and why:
   5. TensorFlow adds 1.0 to the forget-gate bias at run time; we fold it into the stored bias when
      converting official weights, as AllenNLP does. Our own models are initialised with forget bias 1.0.
   6. The character CNN runs once per *distinct* token of a batch and only over the character positions
-     that can matter (see `CharCNN.forward`); both are exact, and tested against the per-token path.
+     that can matter (see `CharCNN.forward`); both are exact, and tested against the per-token path. A
+     frozen biLM can also remember token embeddings across batches (`CharCNN.remember_tokens`), as
+     AllenNLP's `vocab_to_cache` did, without naming the vocabulary in advance.
   7. Scalar-mix layer norm is AllenNLP's: mean and variance over all unmasked elements of the whole batch
      (not per token). It is faithful to AllenNLP's numbers, and so batch-dependent; it is off by default.
   8. Presets use no clipping (fused LSTM, fast); pass clip values of 3.0 to train as the paper did.
@@ -174,6 +176,16 @@ class CharCNN(nn.Module):
         self.highways = nn.ModuleList(Highway(c.n_filters) for _ in range(c.n_highway))
         self.proj = nn.Linear(c.n_filters, c.projection_dim)
         self.unique = True       # run once per distinct token (exact); bench.py turns it off to measure it
+        self.memo = None         # token -> row of memo_table, when remember_tokens() is on (frozen use)
+
+    def remember_tokens(self, max_tokens: int = 500_000):
+        """Keep every token's embedding across calls, for a frozen biLM (inference, no gradients): a token's
+        embedding depends on its characters alone, so a word seen in an earlier batch need not go through
+        the CNN, highway and projection again (AllenNLP's `vocab_to_cache`, without naming the vocabulary in
+        advance). Up to `max_tokens` distinct tokens (P floats each) are kept; later ones are computed
+        every time. The same numbers as computing them, to float rounding (rows of another batch)."""
+        self.memo, self.memo_max = {}, max_tokens
+        self.memo_table = None                           # (capacity, P), grown by doubling
 
     def encode_tokens(self, chars):                     # (N, W) -> (N, P)
         x = self.char_embed(chars).transpose(1, 2)      # (N, W) -> (N, W, C) -> (N, C, W) for Conv1d
@@ -200,7 +212,39 @@ class CharCNN(nn.Module):
         # 2) Run the CNN once per distinct token of the batch: a sentence batch repeats "the", "," ...
         #    many times, and the CNN is the same function for each copy. (Exact.)
         distinct, inverse = torch.unique(flat, dim=0, return_inverse=True)   # (N, W'), (B*T,)
+        if self.memo is not None and not torch.is_grad_enabled():
+            return self.remembered(distinct)[inverse].reshape(B, T, -1)
         return self.encode_tokens(distinct)[inverse].reshape(B, T, -1)       # (N, P) -> (B, T, P)
+
+    def remembered(self, distinct):                     # (N, W') -> (N, P), from the memo where it can
+        # the key: a token's characters up to its end-of-word mark (the trimmed width varies per batch)
+        n_chars = ((distinct != PAD_ID) & (distinct != PAD_CHAR + 1)).sum(dim=1).tolist()
+        keys = [tuple(row[:n]) for row, n in zip(distinct.tolist(), n_chars)]
+        rows = [self.memo.get(k, -1) for k in keys]
+        new = [i for i, r in enumerate(rows) if r < 0]
+        if new:
+            computed = self.encode_tokens(distinct[new])                    # (new, P)
+            room = min(len(new), self.memo_max - len(self.memo))
+            if room > 0:
+                start = len(self.memo)
+                if self.memo_table is None or start + room > len(self.memo_table):
+                    grown = computed.new_empty(max(2 * (start + room), 1024), computed.shape[1])
+                    if self.memo_table is not None:
+                        grown[:start] = self.memo_table[:start]
+                    self.memo_table = grown
+                self.memo_table[start: start + room] = computed[:room]
+                for j in range(room):
+                    self.memo[keys[new[j]]] = rows[new[j]] = start + j
+        if all(r >= 0 for r in rows):
+            return self.memo_table[torch.tensor(rows, dtype=torch.long, device=distinct.device)]
+        out = computed.new_empty(len(rows), computed.shape[1])              # the memo is full:
+        for j, i in enumerate(new):                                         # new tokens as computed,
+            out[i] = computed[j]
+        fresh = set(new)
+        known = [i for i, r in enumerate(rows) if r >= 0 and i not in fresh]
+        if known:                                                           # the others from the memo
+            out[known] = self.memo_table[torch.tensor([rows[i] for i in known], device=distinct.device)]
+        return out
 
 
 class WordEncoder(nn.Module):

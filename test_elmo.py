@@ -287,6 +287,40 @@ def test_unique_token_cnn_equals_per_token():
         assert torch.allclose(fast, slow, atol=1e-6)
 
 
+def test_remembered_tokens_give_the_same_layers_and_skip_the_cnn():
+    """Catches a token memo (CharCNN.remember_tokens) that returns another token's embedding (a key cut at
+    the batch's trimmed width, so that "ab" and "abc" collide), or never hits, or breaks when full: over
+    batches that share words, the ELMo layers equal those computed without it, later batches send only
+    their new tokens through the CNN, a full memo still gives the right layers, and with gradients on
+    (training) the memo is not used."""
+    torch.manual_seed(0)
+    model = tiny_model(vocab_size=0)
+    rng = random.Random(0)
+    words = ["w%d" % i for i in range(30)] + ["ab", "abc", "x" * 60, "naïve"]
+    batches = [[[rng.choice(words) for _ in range(rng.randint(1, 9))] for _ in range(5)] for _ in range(6)]
+    with torch.no_grad():
+        expected = [model(batch_to_ids(b))["activations"] for b in batches]
+    encode = model.token_encoder.encode_tokens
+    for max_tokens in (500_000, 7):
+        model.token_encoder.remember_tokens(max_tokens)
+        sizes = []
+        model.token_encoder.encode_tokens = lambda chars: (sizes.append(len(chars)), encode(chars))[1]
+        with torch.no_grad():
+            for b, layers in zip(batches, expected):
+                out = model(batch_to_ids(b))["activations"]
+                assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(out, layers)), max_tokens
+        if max_tokens == 500_000:        # every word, <S>, </S> and the all-padding position, once
+            assert len(model.token_encoder.memo) == len({w for b in batches for s in b for w in s}) + 3
+            assert sizes[-1] < sizes[0] / 4 and sum(sizes) == len(model.token_encoder.memo)
+            first = sizes[0]
+        else:
+            assert len(model.token_encoder.memo) == 7
+    sizes.clear()
+    model(batch_to_ids(batches[0]))                     # gradients on: every distinct token recomputed
+    assert sizes == [first]
+    del model.token_encoder.encode_tokens
+
+
 def test_reverse_within_length():
     """Catches a backward direction that reverses the padding into the sentence."""
     x = torch.arange(1, 6).float().view(1, 5, 1).repeat(2, 1, 1)
