@@ -983,15 +983,23 @@ def test_sigint_then_resume_equals_uninterrupted(tiny_files, tmp_path, context):
 # ---------------------------------------------------------------------------------------------------------
 def torchrun(tmp_path, *args, nproc=2):
     """train_lm.main under `torchrun --nproc_per_node=nproc`, each rank saving the parameters it ended with
-    as rank<R>.pt (what no single checkpoint can show: that the ranks agree)."""
+    as rank<R>.pt (what no single checkpoint can show: that the ranks agree).
+
+    One known flake is retried once, and only it: rarely (2 of ~120 launches under pytest, none of 27
+    launched by hand) a rank aborts with gloo's "terminate called without an active exception"; its cause
+    is not found yet (README, Troubleshooting). Every launch here can be repeated with the same result."""
     wrapper = tmp_path / "ranks.py"
     wrapper.write_text(f"import os, sys, torch\nsys.path.insert(0, {HERE!r})\nimport train_lm\n"
                        f"model = train_lm.main(sys.argv[1:])\n"
                        f"torch.save(model.state_dict(), os.path.join({str(tmp_path)!r}, "
                        f"'rank' + os.environ['RANK'] + '.pt'))\n")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={nproc}", str(wrapper), *map(str, args)], capture_output=True,
-                          text=True, timeout=300, cwd=HERE)
+    for attempt in range(2):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc_per_node={nproc}", str(wrapper), *map(str, args)], capture_output=True,
+                           text=True, timeout=300, cwd=HERE)
+        if "terminate called without an active exception" not in r.stderr:
+            break
+    return r
 
 
 @pytest.mark.slow

@@ -333,7 +333,8 @@ class Distributed:
         return out
 
     def close(self):
-        if self.world > 1:
+        if self.world > 1:       # no rank tears the group down while another still talks (rank 0 saving)
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 
@@ -663,6 +664,7 @@ def main(argv=None):
         checkpoint(best_too=False)
         log(f"stopped by {stop['signal'] or 'a signal to another rank'} at step {step}; saved "
             f"{last_path(args.out)}. Resume with the same command plus --resume")
+        del lm_loss                    # DDP's reducer goes before its process group
         dist.close()
         return model
     result = run_eval("final")
@@ -672,6 +674,7 @@ def main(argv=None):
         write_metrics(args.metrics_json, {**metrics, "step": step, "trained_seconds": round(trained_s, 1)})
     log(f"done: {step} steps in {fmt_time(trained_s)} of training; best valid ppl {best:.2f}; "
         f"checkpoints {args.out} (best) and {last_path(args.out)} (last)")
+    del lm_loss                        # DDP's reducer goes before its process group
     dist.close()
     return model
 
