@@ -199,13 +199,18 @@ def word_list(counts: dict[str, int]) -> list[str]:
     return SPECIALS + sorted((w for w in counts if w not in SPECIALS), key=lambda w: -counts[w])
 
 
-def build_vocab(sentences: list[list[str]], max_size: int) -> list[str]:
-    """The LM softmax vocabulary: SPECIALS, then the most frequent tokens, at most max_size words in all."""
-    counts: dict[str, int] = {}
+def word_counts(sentences: list[list[str]]) -> dict[str, int]:
+    """How often each token occurs, in first-seen order (SPECIALS first, counted only if in the text)."""
+    counts: dict[str, int] = dict.fromkeys(SPECIALS, 0)
     for sentence in sentences:
         for w in sentence:
             counts[w] = counts.get(w, 0) + 1
-    return word_list(counts)[: max(len(SPECIALS), max_size)]
+    return counts
+
+
+def build_vocab(sentences: list[list[str]], max_size: int) -> list[str]:
+    """The LM softmax vocabulary: SPECIALS, then the most frequent tokens, at most max_size words in all."""
+    return word_list(word_counts(sentences))[: max(len(SPECIALS), max_size)]
 
 
 def char_table(words: list[str]) -> torch.Tensor:
@@ -245,6 +250,7 @@ class Corpus:
         self.lengths = lengths.long()                                           # (S,) words per sentence
         self.offsets = torch.cumsum(self.lengths + 2, 0) - (self.lengths + 2)   # (S,) where each <S> is
         self.types = types                                                      # type id -> string
+        self.vocab = vocab                                                      # LM vocabulary id -> string
         stoi = {w: i for i, w in enumerate(vocab)}
         unk = stoi[UNK_TOKEN]
         # per type: its character ids (for the CNN) and its LM-vocabulary id (the softmax target)
@@ -255,10 +261,7 @@ class Corpus:
     @classmethod
     def from_sentences(cls, sentences: list[list[str]], vocab: list[str]) -> "Corpus":
         """Token lists -> an in-memory corpus (tests, small files)."""
-        counts: dict[str, int] = dict.fromkeys(SPECIALS, 0)
-        for sentence in sentences:
-            for w in sentence:
-                counts[w] = counts.get(w, 0) + 1
+        counts = word_counts(sentences)
         types = word_list(counts)
         index = {w: i for i, w in enumerate(types)}
         bos, eos = index[BOS_TOKEN], index[EOS_TOKEN]
@@ -267,11 +270,15 @@ class Corpus:
                    types, [counts[w] for w in types], vocab)
 
     @classmethod
-    def open_shard(cls, path: str, vocab: list[str]) -> "Corpus":
-        """A token shard folder (see `token_shard`) -> a corpus whose stream is memory-mapped, not read."""
+    def open_shard(cls, path: str, vocab: list[str] | None = None, vocab_size: int = 0) -> "Corpus":
+        """A token shard folder (see `token_shard`) -> a corpus whose stream is memory-mapped, not read.
+        vocab=None: the LM vocabulary is the shard's own `vocab_size` most frequent words (training data),
+        kept as `corpus.vocab`."""
         with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
         types, counts = shard_words(path)
+        if vocab is None:
+            vocab = types[: max(len(SPECIALS), vocab_size)]
         stream = torch.from_file(os.path.join(path, "tokens.i32"), shared=False, size=meta["stream_length"],
                                  dtype=torch.int32)
         lengths = torch.from_file(os.path.join(path, "lengths.i32"), shared=False, size=meta["sentences"],

@@ -159,9 +159,8 @@ def load_corpus(files, split, args, log, vocab=None):
         tokenizer = "regex" if args.tokenizer == "auto" else args.tokenizer
     shard = data.token_shard(source, args.data_cache, tokenizer, args.max_length, args.encoding,
                              args.skip_bad_lines, args.data_workers, log)
-    if vocab is None:
-        vocab = data.shard_words(shard)[0][: max(len(data.SPECIALS), args.vocab_size)]
-    return data.Corpus.open_shard(shard, vocab), vocab
+    corpus = data.Corpus.open_shard(shard, vocab, args.vocab_size)
+    return corpus, corpus.vocab
 
 
 def read_glove(path, vocab, dim, log):
