@@ -6,9 +6,10 @@ a new batch for every call, as real text comes), `--warmup` untimed calls, then 
 timed calls. One line per configuration,
 and everything in `--json`. "infer" is what ELMo runs downstream: `BiLM.forward` (all layers) under
 no_grad, from zero state. "train" is one pretraining step: the sentence LM loss of both directions,
-backward, gradient clipping and an Adam step. Inference lines after the first of a preset, LSTM path and
-batch report their drift from it: the largest absolute difference of the top layer (fp32 runs first, so
-bf16 lines show what bf16 costs, and the other CNN modes show that they compute the same numbers).
+backward, gradient clipping and an Adam step. Inference lines after the first of a preset and batch report
+their drift from it: the largest absolute difference of the top layer (fp32 runs first, so bf16 lines show
+what bf16 costs, and the other LSTM paths and CNN modes show that they compute the same numbers).
+`--elmo` measures a given biLM instead, e.g. the published weights (inference).
 
 Peak memory: on CUDA `torch.cuda.max_memory_allocated` (reset per configuration); on the CPU the process's
 peak resident set size (VmHWM, reset per configuration through /proc/self/clear_refs where Linux allows).
@@ -18,6 +19,9 @@ peak resident set size (VmHWM, reset per configuration through /proc/self/clear_
   # the numbers in the README's Performance section (2 threads)
   python bench.py --threads 2 --preset small --mode infer train --lstm fused reference --cnn distinct token
   python bench.py --threads 2 --preset original --mode infer --repeats 3
+  # a published file (clipped: the reference cell), on real sentences
+  python bench.py --threads 2 --elmo elmo_2x4096_512_2048cnn_2xhighway_weights.hdf5 --lstm reference \
+      --cnn distinct remembered --text ../shared/data/lm/movie_reviews.train.txt
   # a GPU: presets x dtypes x compile
   python bench.py --device cuda --preset small original --dtype float32 bfloat16 --compile off on \\
       --batch 128x20 --json bench_gpu.json
@@ -37,14 +41,17 @@ import torch
 
 import data
 from data import UserError
-from elmo import PRESETS, ArgumentParser, BiLM, ELMoConfig, count_parameters, pick_device, run_main
+from elmo import PRESETS, ArgumentParser, BiLM, ELMoConfig, count_parameters, load_elmo, pick_device, run_main
 
 
 def parse_args(argv=None):
     p = ArgumentParser(__doc__)
     g = p.add_argument_group("what to measure (each flag takes several values: every combination runs)")
     g.add_argument("--preset", nargs="+", default=["small"], choices=sorted(PRESETS))
-    g.add_argument("--mode", nargs="+", default=["infer", "train"], choices=["infer", "train"])
+    g.add_argument("--elmo", help="measure this biLM instead of the presets (inference only): a .pt checkpoint "
+                   "or a published *_weights.hdf5, e.g. the `original` ELMo, whose clipping needs --lstm reference")
+    g.add_argument("--elmo-options", help="options JSON of --elmo, when it is not found beside the weights")
+    g.add_argument("--mode", nargs="+", choices=["infer", "train"], help="default: both (--elmo: infer)")
     g.add_argument("--lstm", nargs="+", default=["fused", "reference"], choices=["fused", "reference"],
                    help="fused nn.LSTM, or the explicit reference cell (the one that can clip)")
     g.add_argument("--cnn", nargs="+", default=["distinct"], choices=["distinct", "token", "remembered"],
@@ -126,7 +133,10 @@ def run_config(cfg, args, device, reference_outputs, text):
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)
     vocab = args.vocab_size if mode == "train" else 0
-    model = BiLM(ELMoConfig(**PRESETS[preset], vocab_size=vocab), impl=lstm).to(device)
+    if args.elmo:
+        model = load_elmo(args.elmo, device, impl=lstm, options=args.elmo_options)
+    else:
+        model = BiLM(ELMoConfig(**PRESETS[preset], vocab_size=vocab), impl=lstm).to(device)
     model.token_encoder.unique = cnn != "token"
     if cnn == "remembered":
         model.token_encoder.remember_tokens()
@@ -174,8 +184,8 @@ def run_config(cfg, args, device, reference_outputs, text):
               "compile": compiled, "batch": f"{B}x{T}", "ms": round(1000 * seconds, 2),
               "tokens_per_s": round(B * T / seconds), "peak_mib": round(peak_mib(device)),
               "parameters": count_parameters(model)["bilm"]}
-    if mode == "infer":              # drift from the first inference line of this preset/LSTM/batch
-        key = (preset, lstm, compiled, B, T)
+    if mode == "infer":              # drift from the first inference line of this preset and batch
+        key = (preset, B, T)
         if key not in reference_outputs:
             reference_outputs[key] = out.float().cpu()
         else:
@@ -198,6 +208,11 @@ def main(argv=None):
     text = [line.split() for _, line in data.read_lines(args.text)] if args.text else None
     # fp32 before bf16, so that bf16 inference lines report their drift from an fp32 one
     dtypes = sorted(args.dtype, key=lambda d: d != "float32")
+    args.mode = args.mode or (["infer"] if args.elmo else ["infer", "train"])
+    if args.elmo:
+        if "train" in args.mode:
+            raise UserError("--elmo measures inference only (--mode infer)")
+        args.preset = [os.path.basename(args.elmo)]
     configs = [c for c in itertools.product(args.preset, args.mode, args.lstm, args.cnn, dtypes, args.compile,
                                             args.batch) if not (c[1] == "train" and c[3] == "remembered")]
     print(f"{'preset':9} {'mode':5} {'lstm':9} {'cnn':10} {'dtype':8} {'compile':7} {'batch':7} "

@@ -4,7 +4,8 @@ Peters et al., 2018, "Deep contextualized word representations" (arXiv:1802.0536
 bottom; it follows the order in which a sentence flows through the model:
 
     config -> character CNN -> highway -> LSTM cell -> LSTM stacks -> biLM with LM head
-           -> scalar mix -> ELMo embedder -> save / load / convert official weights
+           -> scalar mix -> ELMo embedder -> save / load -> the published weights, both ways
+           -> the tools (embed, neighbours) and their command line
 
 What goes in, what comes out:
 
@@ -13,6 +14,16 @@ What goes in, what comes out:
     out = bilm(ids)
     out["activations"]   # L+1 tensors (B, T, 2P): layer 0 = [e; e], layer k = [forward_k; backward_k]
     out["mask"]          # (B, T) bool, True at real tokens; activations are zero elsewhere
+
+AllenNLP's published weights load the same way: `load_elmo("elmo_2x1024_128_2048cnn_1xhighway_weights.hdf5")`
+finds `elmo_2x1024_128_2048cnn_1xhighway_options.json` beside it (else `options.json`, else `options=PATH`).
+
+The tools around the model, `python elmo.py SUBCOMMAND --help` for each:
+
+    python elmo.py convert --options X_options.json --weights X_weights.hdf5 --out x.pt   # published -> ours
+    python elmo.py export --elmo lm.pt --out-dir lm_tf          # ours -> options.json + weights.hdf5
+    python elmo.py embed --elmo lm.pt --input sentences.txt --output vectors.hdf5   # as `allennlp elmo`
+    python elmo.py neighbors --elmo lm.pt --sentences text.txt --word play          # the paper's Table 4
 
 Shape legend, used in every shape comment below:
     B batch, T tokens per sentence (with <S> and </S> where noted), W characters per token (50),
@@ -36,9 +47,11 @@ Deviations from the paper / bilm-tf and from AllenNLP, and why:
      so training loss and reported perplexity are exact. We do not implement the sampled softmax.
   4. Two LSTM implementations over the same parameters: an explicit reference cell (with the cell and
      projection clipping of the original) and the fused `torch.nn.LSTM(proj_size=P)` path, which cannot clip.
-     `impl="auto"` picks the fused path when clipping is off. Tests hold the two equal.
-  5. TensorFlow adds 1.0 to the forget-gate bias at run time; we fold it into the stored bias when
-     converting official weights, as AllenNLP does. Our own models are initialised with forget bias 1.0.
+     Tests hold the two equal. `impl="auto"` runs the reference cell where it must (clipping) and where it
+     is faster (a CPU without gradients: it steps on columns, see `LstmLayer.reference`), nn.LSTM otherwise.
+  5. TensorFlow adds 1.0 to the forget-gate bias at run time. AllenNLP folds it into the stored bias; we
+     keep it in torch's second bias (`bias_hh`, which TensorFlow does not have), so the file's bias is
+     stored bit for bit and `export` writes it back unchanged. Our own models start with forget bias 1.0.
   6. The character CNN runs once per *distinct* token of a batch and only over the character positions
      that can matter (see `CharCNN.forward`); both are exact, and tested against the per-token path. A
      frozen biLM can also remember token embeddings across batches (`CharCNN.remember_tokens`), as
@@ -57,7 +70,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -290,24 +303,33 @@ class LstmLayer(nn.Module):
     def reference(self, x, state=None):                 # (B, T, in) -> (B, T, P), state
         lstm = self.lstm
         B, T, _ = x.shape
+        # The cell runs on columns: the state is h^T (P, B), and each step computes W_hh @ h^T rather than
+        # h @ W_hh^T. The arithmetic is the same; but a (4D, P) @ (P, B) product with a small B runs ~1.7x
+        # faster on a CPU than the (B, P) @ (P, 4D) one, and it dominates the cell's time (README,
+        # Performance). The weights are used as stored, no copies.
         # The input's share of every gate, for all steps in one matmul; only the recurrence is sequential.
-        gates_x = F.linear(x, lstm.weight_ih_l0, lstm.bias_ih_l0 + lstm.bias_hh_l0)  # (B, T, 4D)
+        columns = x.permute(2, 1, 0).reshape(x.shape[2], T * B)                      # (in, T*B)
+        bias = (lstm.bias_ih_l0 + lstm.bias_hh_l0).unsqueeze(1)                      # (4D, 1)
+        gates_x = torch.addmm(bias, lstm.weight_ih_l0, columns).view(-1, T, B)     # (4D, T, B)
         if state is None:                               # zero state: every call starts fresh
-            h, c = x.new_zeros(B, lstm.proj_size), x.new_zeros(B, lstm.hidden_size)  # (B, P), (B, D)
+            h, c = x.new_zeros(lstm.proj_size, B), x.new_zeros(lstm.hidden_size, B)  # (P, B), (D, B)
         else:
-            h, c = state
+            h, c = state[0].T, state[1].T
         outputs = []
         for t in range(T):
-            gates = gates_x[:, t] + h @ lstm.weight_hh_l0.T                # (B, 4D)
-            i, f, g, o = gates.chunk(4, dim=1)                               # 4 x (B, D)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)     # new memory cell
+            gates = gates_x[:, t]                                             # (4D, B)
+            if t > 0 or state is not None:              # from zero state, W_hh @ h is exactly 0: skip it
+                gates = torch.addmm(gates, lstm.weight_hh_l0, h)              # + (4D, P) @ (P, B)
+            i, f, g, o = gates.chunk(4, dim=0)                                # 4 x (D, B)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)       # new memory cell
             if self.cell_clip:
                 c = c.clamp(-self.cell_clip, self.cell_clip)
-            h = (torch.sigmoid(o) * torch.tanh(c)) @ lstm.weight_hr_l0.T    # (B, D) -> (B, P) projection
+            h = lstm.weight_hr_l0 @ (torch.sigmoid(o) * torch.tanh(c))        # (P, D) @ (D, B) projection
             if self.proj_clip:
                 h = h.clamp(-self.proj_clip, self.proj_clip)
             outputs.append(h)
-        return torch.stack(outputs, dim=1), (h, c)      # T x (B, P) -> (B, T, P)
+        out = torch.stack(outputs).permute(2, 0, 1).contiguous()     # T x (P, B) -> (B, T, P)
+        return out, (h.T, c.T)                                        # (B, P), (B, D)
 
 
 def length_mask(lengths, T: int):
@@ -380,9 +402,15 @@ class BiLM(nn.Module):
 
     @property
     def lstm_impl(self) -> str:
+        """'auto' picks the exact path that is faster: the reference cell when the weights clip (nn.LSTM
+        cannot), and on a CPU without gradients (frozen ELMo features: 1.5x nn.LSTM's speed at `small`,
+        README Performance); nn.LSTM otherwise (training; GPUs)."""
         if self.impl != "auto":
             return self.impl
-        return "reference" if (self.config.cell_clip or self.config.proj_clip) else "fused"
+        if self.config.cell_clip or self.config.proj_clip:
+            return "reference"
+        on_cpu = next(self.parameters()).device.type == "cpu"
+        return "reference" if on_cpu and not torch.is_grad_enabled() else "fused"
 
     def add_boundaries(self, inputs):
         """Wrap each sentence in <S> ... </S>: (B, T, W) -> (B, T+2, W) char ids, or (B, T) -> (B, T+2) word
@@ -721,10 +749,11 @@ def cache_layers(features: TokenFeatures, sentences, choice: str, out: str, log)
     return seconds
 
 
-def frozen_bilm(elmo: str, preset: str = "cpu", seed: int = 1):
-    """The downstream scripts' `--elmo`: a train_lm.py checkpoint or official *.hdf5 -> its frozen biLM
-    without the LM softmax; 'random' -> the `preset` architecture, untrained, frozen (the ablation that
-    separates pretraining from architecture); 'none' -> None. Returns (biLM or None, a description)."""
+def frozen_bilm(elmo: str, preset: str = "cpu", seed: int = 1, options: str | None = None):
+    """The downstream scripts' `--elmo`: a biLM checkpoint or published *.hdf5 (options: see `find_options`)
+    -> its frozen biLM without the LM softmax; 'random' -> the `preset` architecture, untrained, frozen (the
+    ablation that separates pretraining from architecture); 'none' -> None. Returns (biLM or None, a
+    description)."""
     if not elmo:
         raise UserError("--elmo is required: a train_lm.py checkpoint, 'random' or 'none'")
     if elmo == "none":
@@ -732,7 +761,7 @@ def frozen_bilm(elmo: str, preset: str = "cpu", seed: int = 1):
     if elmo == "random":
         torch.manual_seed(seed)
         return BiLM(ELMoConfig(**PRESETS[preset], vocab_size=0)).eval(), f"random (untrained '{preset}' biLM)"
-    bilm = load_elmo(elmo)
+    bilm = load_elmo(elmo, options=options)
     bilm.head = None                                    # the LM softmax is not part of ELMo
     bilm.config.vocab_size = 0
     return bilm, f"{elmo} (frozen)"
@@ -840,81 +869,253 @@ def bilm_from_checkpoint(ckpt: dict, impl: str = "auto") -> BiLM:
     return model
 
 
-def load_elmo(path: str, device="cpu", impl: str = "auto") -> BiLM:
-    """The public entry point: a `train_lm.py` checkpoint (or, given an official `*.hdf5` weight file with
-    its `options.json` beside it or named as `options=...`, official weights) -> frozen biLM in eval mode."""
+def load_elmo(path: str, device="cpu", impl: str = "auto", options: str | None = None) -> BiLM:
+    """The public entry point: a biLM checkpoint (`train_lm.py`, `python elmo.py convert`) or a published
+    `*.hdf5` weight file (its options found by `find_options`, or named by `options=`) -> frozen biLM in
+    eval mode."""
     if str(path).endswith((".hdf5", ".h5")):
-        options = os.path.join(os.path.dirname(path) or ".", "options.json")
-        model = load_official_weights(options, path)
+        model = load_official_weights(find_options(path, options), path, impl)
     else:
         model = bilm_from_checkpoint(load_checkpoint(path, "bilm"), impl)
+    if impl == "fused" and (model.config.cell_clip or model.config.proj_clip):
+        raise UserError(f"{path} clips its LSTM cells/outputs (the published weights do), which the fused "
+                        f"nn.LSTM cannot: its outputs would drift (README, Using the published ELMo weights); "
+                        f"use the reference cell (impl 'auto' or 'reference')")
     for p in model.parameters():
         p.requires_grad_(False)
     return model.to(device).eval()
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Official weights (bilm-tf HDF5 + options.json) -> our BiLM, with every TensorFlow quirk at its place.
+# The published weights (bilm-tf's HDF5 + options JSON, as AllenNLP distributes them) <-> our BiLM, both ways,
+# with every TensorFlow quirk at its place. Reading is `load_official_weights`; writing is `official_weights`.
 # ---------------------------------------------------------------------------------------------------------
-def load_official_weights(options_file: str, weights_file: str) -> BiLM:
+def find_options(weights: str, options: str | None = None) -> str:
+    """The options file of a published weight file: `options` when given; else the published naming, where
+    `elmo_2x1024_128_2048cnn_1xhighway_weights.hdf5` comes with `..._options.json` beside it; else
+    `options.json` in the same folder."""
+    from data import check_file
+    if options:
+        return check_file(options, "options file")
+    folder, name = os.path.split(weights)
+    stem = os.path.splitext(name)[0]
+    candidates = [os.path.join(folder, stem[: -len("weights")] + "options.json")] if stem.endswith("weights") \
+        else []
+    candidates.append(os.path.join(folder, "options.json"))
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate
+    raise UserError(f"no options file for {weights}: looked for {' and '.join(candidates)}; name it with "
+                    f"--elmo-options PATH (in Python: load_elmo(path, options=PATH))")
+
+
+def read_options(path: str) -> ELMoConfig:
+    """A published options JSON -> our config. The keys read are the ones bilm-tf and AllenNLP read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            options = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"options file {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") \
+            from None
+    except UnicodeDecodeError:
+        raise UserError(f"options file {path} is not a text file (not UTF-8)") from None
+
+    def need(section, key):
+        value = options.get(section, {}).get(key) if isinstance(options.get(section), dict) else None
+        if value is None:
+            raise UserError(f"options file {path} has no '{section}.{key}' (a published options file has it)")
+        return value
+
+    if not isinstance(options, dict) or "char_cnn" not in options:
+        raise UserError(f"options file {path} has no 'char_cnn' section: only character-input biLMs are "
+                        f"supported (bilm-tf's token-input models keep their embeddings in another file)")
+    cnn, lstm = options["char_cnn"], options.get("lstm", {})
+    if cnn.get("activation", "relu") != "relu" or cnn.get("max_characters_per_token", MAX_CHARS) != MAX_CHARS:
+        raise UserError(f"options file {path}: only relu character CNNs with {MAX_CHARS} characters per token "
+                        f"are supported (found {cnn.get('activation')!r}, {cnn.get('max_characters_per_token')})")
+    try:
+        return ELMoConfig(
+            token_encoder="char", n_characters=262, char_embed_dim=int(need("char_cnn", "embedding")["dim"]),
+            filters=[[int(w), int(n)] for w, n in need("char_cnn", "filters")],
+            n_highway=int(cnn.get("n_highway") or 0),
+            lstm_dim=int(need("lstm", "dim")), projection_dim=int(need("lstm", "projection_dim")),
+            n_layers=int(lstm.get("n_layers", 1)),           # bilm-tf's default
+            # bilm-tf passes the values to TensorFlow's LSTMCell, where None (or absent) means no clipping
+            cell_clip=float(lstm.get("cell_clip") or 0), proj_clip=float(lstm.get("proj_clip") or 0),
+            residual=bool(need("lstm", "use_skip_connections")), dropout=0.0, vocab_size=0).validate()
+    except (TypeError, ValueError, KeyError) as e:
+        raise UserError(f"options file {path} does not describe a biLM we can build: {e}") from None
+
+
+def official_layout(config: ELMoConfig):
+    """Every dataset of a published weight file: (name, shape in the file). The shapes are TensorFlow's:
+    a dense layer's kernel is (in, out) because TF computes x @ W; an LSTM layer's kernel W_0 stacks the
+    input's rows over the recurrent output's, (in + P, 4D), because TF's LSTMCell multiplies [x; h] by it."""
+    C, Fn, D, P = config.char_embed_dim, config.n_filters, config.lstm_dim, config.projection_dim
+    layout = [("char_embed", (config.n_characters - 1, C))]                # no row for the padding id 0
+    for k, (width, n) in enumerate(config.filters):
+        layout += [(f"CNN/W_cnn_{k}", (1, width, C, n)), (f"CNN/b_cnn_{k}", (n,))]   # a conv2d of height 1
+    for k in range(config.n_highway):
+        layout += [(f"CNN_high_{k}/{w}_{part}", (Fn, Fn) if w == "W" else (Fn,))
+                   for part in ("carry", "transform") for w in ("W", "b")]
+    layout += [("CNN_proj/W_proj", (Fn, P)), ("CNN_proj/b_proj", (P,))]
+    for direction in (0, 1):                                                # 0 forward, 1 backward
+        for k in range(config.n_layers):
+            cell = f"RNN_{direction}/RNN/MultiRNNCell/Cell{k}/LSTMCell"
+            layout += [(f"{cell}/W_0", (P + P, 4 * D)), (f"{cell}/B", (4 * D,)), (f"{cell}/W_P_0", (D, P))]
+    return layout
+
+
+def tf_gate_order(D: int):
+    """TF's LSTMCell orders the gates i, j (candidate), f, o; torch orders them i, f, g (candidate), o. This
+    index moves rows from one order to the other; it swaps the two middle blocks, so it is its own inverse."""
+    return torch.cat([torch.arange(0, D), torch.arange(2 * D, 3 * D), torch.arange(D, 2 * D),
+                      torch.arange(3 * D, 4 * D)])
+
+
+def load_official_weights(options_file: str, weights_file: str, impl: str = "auto") -> BiLM:
+    """A published options JSON + HDF5 weight file -> our BiLM (no LM softmax: the files have none).
+    Every dataset is checked against the shape the options imply before anything is built, so a file that
+    is truncated, lacks a dataset or belongs to other options is one error line naming it."""
     try:
         import h5py  # only needed here: official weights are HDF5
     except ImportError:
         raise UserError("reading official weights needs h5py: pip install h5py") from None
     from data import check_file
-    with open(check_file(options_file, "options file")) as f:
-        options = json.load(f)
-    cnn, lstm = options["char_cnn"], options["lstm"]
-    if cnn.get("activation", "relu") != "relu" or cnn.get("max_characters_per_token", MAX_CHARS) != MAX_CHARS:
-        raise UserError("only relu character CNNs with 50 characters per token are supported")
-    with h5py.File(check_file(weights_file, "weights file"), "r") as h5:
-        char_embed = torch.from_numpy(h5["char_embed"][...])                  # (261, C): ids 1.. shifted
-        config = ELMoConfig(
-            token_encoder="char", n_characters=char_embed.shape[0] + 1, char_embed_dim=cnn["embedding"]["dim"],
-            filters=[list(f) for f in cnn["filters"]], n_highway=cnn["n_highway"],
-            lstm_dim=lstm["dim"], projection_dim=lstm["projection_dim"], n_layers=lstm["n_layers"],
-            cell_clip=float(lstm.get("cell_clip") or 0), proj_clip=float(lstm.get("proj_clip") or 0),
-            residual=bool(lstm.get("use_skip_connections")), dropout=0.0, vocab_size=0)
-        model = BiLM(config)
-        state = {}
-
-        def t(name):
-            return torch.from_numpy(h5[name][...])
-
-        # char embedding: the file has no row for id 0 (padding); AllenNLP prepends a zero row
-        state["token_encoder.char_embed.weight"] = torch.cat([torch.zeros(1, char_embed.shape[1]), char_embed])
-        for k in range(len(config.filters)):
-            # TF conv2d kernel (1, width, C, F_k) -> torch Conv1d (F_k, C, width)
-            state[f"token_encoder.convs.{k}.weight"] = t(f"CNN/W_cnn_{k}")[0].permute(2, 1, 0)
-            state[f"token_encoder.convs.{k}.bias"] = t(f"CNN/b_cnn_{k}")
-        for k in range(config.n_highway):
-            for part in ("transform", "carry"):  # TF computes x @ W, torch x @ W.T
-                state[f"token_encoder.highways.{k}.{part}.weight"] = t(f"CNN_high_{k}/W_{part}").T
-                state[f"token_encoder.highways.{k}.{part}.bias"] = t(f"CNN_high_{k}/b_{part}")
-        state["token_encoder.proj.weight"] = t("CNN_proj/W_proj").T
-        state["token_encoder.proj.bias"] = t("CNN_proj/b_proj")
-        D, P = config.lstm_dim, config.projection_dim
-        for direction, stack in ((0, "forward_lstm"), (1, "backward_lstm")):
-            for k in range(config.n_layers):
-                cell = f"RNN_{direction}/RNN/MultiRNNCell/Cell{k}/LSTMCell"
-                W = t(f"{cell}/W_0").T                       # (in + P, 4D) -> (4D, in + P); TF: [x; h] @ W
-                b = t(f"{cell}/B").clone()                   # (4D,)
-                # TF's LSTMCell gate order is i, j (candidate), f, o and it adds 1.0 to f at run time;
-                # torch's is i, f, g (candidate), o. Reorder, and fold the +1.0 into the stored bias.
-                b[2 * D:3 * D] += 1.0
-                order = torch.cat([torch.arange(0, D), torch.arange(2 * D, 3 * D),
-                                   torch.arange(D, 2 * D), torch.arange(3 * D, 4 * D)])
-                W, b = W[order], b[order]
-                n_in = W.shape[1] - P
-                prefix = f"{stack}.layers.{k}.lstm"
-                state[f"{prefix}.weight_ih_l0"] = W[:, :n_in]
-                state[f"{prefix}.weight_hh_l0"] = W[:, n_in:]
-                state[f"{prefix}.bias_ih_l0"] = b
-                state[f"{prefix}.bias_hh_l0"] = torch.zeros_like(b)
-                state[f"{prefix}.weight_hr_l0"] = t(f"{cell}/W_P_0").T    # (D, P) -> (P, D)
-    model.load_state_dict({k: v.contiguous().float() for k, v in state.items()})
+    config = read_options(options_file)
+    arrays = {}
+    try:
+        with h5py.File(check_file(weights_file, "weights file"), "r") as h5:
+            for name, shape in official_layout(config):
+                if name not in h5:
+                    raise UserError(f"weights file {weights_file} has no dataset '{name}' (wrong file, or "
+                                    f"options {options_file} describe another model)")
+                if tuple(h5[name].shape) != shape:
+                    raise UserError(f"weights file {weights_file}: '{name}' has shape {tuple(h5[name].shape)}, "
+                                    f"but options {options_file} need {shape}: the two files do not belong "
+                                    f"together")
+                arrays[name] = torch.from_numpy(h5[name][...]).float()
+    except OSError as e:   # not HDF5 at all, or cut short: h5py raises OSError on open or on read
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"weights file {weights_file} is not a readable HDF5 file (truncated or another kind "
+                        f"of file: {first[:80]})") from None
+    model = BiLM(config, impl=impl)
+    model.load_state_dict(state_from_official(arrays, config))
     model.vocab = None
     return model.eval()
+
+
+def state_from_official(arrays: dict, config: ELMoConfig) -> dict:
+    """Datasets of a published weight file (name -> tensor, TF layout) -> our state_dict."""
+    state = {}
+    # char embedding: the file has no row for id 0 (padding); AllenNLP and bilm-tf prepend a zero row
+    char_embed = arrays["char_embed"]
+    state["token_encoder.char_embed.weight"] = torch.cat([torch.zeros(1, char_embed.shape[1]), char_embed])
+    for k in range(len(config.filters)):
+        # TF conv2d kernel (1, width, C, F_k) -> torch Conv1d (F_k, C, width)
+        state[f"token_encoder.convs.{k}.weight"] = arrays[f"CNN/W_cnn_{k}"][0].permute(2, 1, 0)
+        state[f"token_encoder.convs.{k}.bias"] = arrays[f"CNN/b_cnn_{k}"]
+    for k in range(config.n_highway):
+        for part in ("transform", "carry"):  # TF computes x @ W, torch x @ W.T
+            state[f"token_encoder.highways.{k}.{part}.weight"] = arrays[f"CNN_high_{k}/W_{part}"].T
+            state[f"token_encoder.highways.{k}.{part}.bias"] = arrays[f"CNN_high_{k}/b_{part}"]
+    state["token_encoder.proj.weight"] = arrays["CNN_proj/W_proj"].T
+    state["token_encoder.proj.bias"] = arrays["CNN_proj/b_proj"]
+    D, P = config.lstm_dim, config.projection_dim
+    order = tf_gate_order(D)
+    for direction, stack in ((0, "forward_lstm"), (1, "backward_lstm")):
+        for k in range(config.n_layers):
+            cell, prefix = f"RNN_{direction}/RNN/MultiRNNCell/Cell{k}/LSTMCell", f"{stack}.layers.{k}.lstm"
+            W = arrays[f"{cell}/W_0"].T[order]            # (in + P, 4D) -> (4D, in + P), torch's gate order
+            state[f"{prefix}.weight_ih_l0"] = W[:, :P]   # the input's columns (every layer's input is P wide)
+            state[f"{prefix}.weight_hh_l0"] = W[:, P:]   # the recurrent output's
+            state[f"{prefix}.weight_hr_l0"] = arrays[f"{cell}/W_P_0"].T      # (D, P) -> (P, D) projection
+            # TF's LSTMCell has one bias B and adds 1.0 to the forget gate at run time (forget_bias). torch
+            # has two biases and adds both: B goes into bias_ih as it is, and the 1.0 into bias_hh, so the
+            # file's B is kept bit for bit and `official_weights` gives it back unchanged.
+            state[f"{prefix}.bias_ih_l0"] = arrays[f"{cell}/B"][order]
+            state[f"{prefix}.bias_hh_l0"] = forget_one(D)
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def forget_one(D: int):
+    """(4D,) zeros with 1.0 at the forget gate (torch's order): TF's LSTMCell forget_bias."""
+    b = torch.zeros(4 * D)
+    b[D:2 * D] = 1.0
+    return b
+
+
+def official_weights(model: BiLM) -> tuple[dict, dict]:
+    """Our biLM -> (options dict, {dataset name: float32 array}) in the published layout: the inverse of
+    `state_from_official`, step by step, so bilm-tf and AllenNLP load a biLM trained here unchanged. The LM
+    softmax is not part of it (the published files have none)."""
+    config = model.config
+    if config.token_encoder != "char":
+        raise UserError("only character-CNN biLMs have a published layout (this one uses word embeddings)")
+    s = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    arrays = {"char_embed": s["token_encoder.char_embed.weight"][1:]}          # drop the padding row
+    for k in range(len(config.filters)):
+        arrays[f"CNN/W_cnn_{k}"] = s[f"token_encoder.convs.{k}.weight"].permute(2, 1, 0)[None]
+        arrays[f"CNN/b_cnn_{k}"] = s[f"token_encoder.convs.{k}.bias"]
+    for k in range(config.n_highway):
+        for part in ("transform", "carry"):
+            arrays[f"CNN_high_{k}/W_{part}"] = s[f"token_encoder.highways.{k}.{part}.weight"].T
+            arrays[f"CNN_high_{k}/b_{part}"] = s[f"token_encoder.highways.{k}.{part}.bias"]
+    arrays["CNN_proj/W_proj"] = s["token_encoder.proj.weight"].T
+    arrays["CNN_proj/b_proj"] = s["token_encoder.proj.bias"]
+    order = tf_gate_order(config.lstm_dim)
+    for direction, stack in ((0, "forward_lstm"), (1, "backward_lstm")):
+        for k in range(config.n_layers):
+            cell, prefix = f"RNN_{direction}/RNN/MultiRNNCell/Cell{k}/LSTMCell", f"{stack}.layers.{k}.lstm"
+            W = torch.cat([s[f"{prefix}.weight_ih_l0"], s[f"{prefix}.weight_hh_l0"]], dim=1)  # (4D, in + P)
+            arrays[f"{cell}/W_0"] = W[order].T
+            # B = bias_ih + bias_hh - the 1.0 TF adds itself; bias_hh - 1.0 is exactly 0 for converted weights
+            b_hh = s[f"{prefix}.bias_hh_l0"] - forget_one(config.lstm_dim)
+            arrays[f"{cell}/B"] = (s[f"{prefix}.bias_ih_l0"] + b_hh)[order]
+            arrays[f"{cell}/W_P_0"] = s[f"{prefix}.weight_hr_l0"].T
+    options = {
+        "lstm": {"use_skip_connections": config.residual, "projection_dim": config.projection_dim,
+                 # null, not 0: TensorFlow's LSTMCell would clip at 0 (AllenNLP and bilm-tf read null as off)
+                 "cell_clip": config.cell_clip or None, "proj_clip": config.proj_clip or None,
+                 "dim": config.lstm_dim, "n_layers": config.n_layers},
+        "char_cnn": {"activation": "relu", "filters": config.filters, "n_highway": config.n_highway,
+                     "embedding": {"dim": config.char_embed_dim}, "n_characters": config.n_characters,
+                     "max_characters_per_token": MAX_CHARS}}
+    return options, {name: arrays[name].contiguous().numpy() for name, _ in official_layout(config)}
+
+
+def export_official(model: BiLM, out_dir: str) -> tuple[str, str]:
+    """Write `out_dir/options.json` and `out_dir/weights.hdf5` (the published layout). Both are written
+    under temporary names first and renamed at the end: an interrupted export leaves no half file."""
+    import h5py
+    options, arrays = official_weights(model)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = os.path.join(out_dir, "options.json"), os.path.join(out_dir, "weights.hdf5")
+    tmp = [p + ".tmp" for p in paths]
+    try:
+        with open(tmp[0], "w") as f:
+            json.dump(options, f)
+        with h5py.File(tmp[1], "w") as h5:
+            for name, array in arrays.items():
+                h5.create_dataset(name, data=array)
+        for t, p in zip(tmp, paths):
+            os.replace(t, p)
+    finally:
+        for t in tmp:
+            if os.path.exists(t):
+                os.unlink(t)
+    return paths
+
+
+def convert_official(options_file: str, weights_file: str) -> dict:
+    """A published pair of files -> one of our self-describing biLM checkpoints (tensors and plain
+    containers; the config remembers the clipping). It has no vocabulary and no LM softmax: it gives ELMo
+    vectors everywhere a train_lm.py checkpoint does, but no perplexity."""
+    model = load_official_weights(options_file, weights_file)
+    return {"format": CHECKPOINT_FORMAT, "kind": "bilm", "config": asdict(model.config), "vocab": None,
+            "model": model.state_dict(), "step": 0,
+            "args": {"converted_from": {"options": os.path.abspath(options_file),
+                                        "weights": os.path.abspath(weights_file)}}}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -948,8 +1149,8 @@ class ArgumentParser(argparse.ArgumentParser):
                 return (action.help or "") + " (default: %(default)s)"
             return action.help
 
-    def __init__(self, description):
-        super().__init__(description=description, formatter_class=self.Formatter)
+    def __init__(self, description=None, **kwargs):
+        super().__init__(description=description, formatter_class=self.Formatter, **kwargs)
 
     def error(self, message):
         raise UserError(f"{message} (see --help)")
@@ -996,3 +1197,262 @@ def run_main(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tools around the model, as functions (importable) and as `python elmo.py convert | export | embed |
+# neighbors` (the parser at the end).
+# ---------------------------------------------------------------------------------------------------------
+def embed_sentences(bilm: BiLM, sentences: list, batch_size: int = 64, progress=None):
+    """Yield (index, layers) for every sentence: layers is (L+1, n, 2P), the sentence's n tokens in every
+    ELMo layer, without <S> and </S>; an empty sentence gives (L+1, 0, 2P). Sentences go through the biLM in
+    batches of similar length (sorted), so little is spent on padding; `progress(done_tokens)` is called
+    after each batch. The biLM is stateless, so the order of the batches changes nothing."""
+    device = next(bilm.parameters()).device
+    width = 2 * bilm.config.projection_dim
+    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+    for i in (i for i in order if not sentences[i]):
+        yield i, torch.zeros(bilm.config.n_layers + 1, 0, width)
+    order = [i for i in order if sentences[i]]
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        with torch.no_grad():
+            layers = torch.stack(bilm(batch_to_ids([sentences[i] for i in batch]).to(device))["activations"],
+                                 dim=1).float().cpu()                              # (B, L+1, T, 2P)
+        for b, i in enumerate(batch):
+            yield i, layers[b, :, :len(sentences[i])]
+        if progress:
+            progress(sum(len(sentences[i]) for i in batch))
+
+
+class Progress:
+    """A progress line on stderr every few seconds: done / total, rate, ETA."""
+
+    def __init__(self, what: str, total: int, unit: str, every: float = 5.0):
+        self.what, self.total, self.unit, self.every = what, total, unit, every
+        self.done, self.start, self.last = 0, time.time(), 0.0
+
+    def __call__(self, n: int):
+        import sys
+        self.done += n
+        now = time.time()
+        if now - self.last >= self.every or self.done >= self.total:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            print(f"{self.what}: {self.done:,}/{self.total:,} {self.unit} ({100 * self.done / max(self.total, 1):.0f}%)"
+                  f" | {rate:,.0f} {self.unit}/s | ETA {fmt_time((self.total - self.done) / max(rate, 1e-9))}",
+                  file=sys.stderr, flush=True)
+
+
+def embed_file(bilm: BiLM, input_path: str, output: str, layers: str = "all", batch_size: int = 64,
+               tokenizer: str = "whitespace", encoding: str = "utf-8", job: dict | None = None, log=print) -> int:
+    """ELMo vectors of every line of a text file -> HDF5, in the layout of AllenNLP's `allennlp elmo`
+    command, so code that read those files reads these: one float32 dataset per line, named by the line's
+    index ("0", "1", ...), shape (L+1, n, 2P) for layers="all", (n, 2P) for "top" (the last layer) and
+    "average" (the mean of all L+1); and a dataset "sentence_to_index" holding the JSON map from each
+    (stripped) line to its index. An empty line gets a dataset with n = 0 (AllenNLP refused such files), so
+    dataset i is always line i.
+
+    The file is written as `output + ".partial"` and renamed to `output` when complete. An interrupted run
+    leaves the partial file; the same command (same `job`: input, model, options) continues from it."""
+    import h5py
+    from data import read_lines, tokenize
+    lines = [text.strip() for _, text in read_lines(input_path, encoding)]
+    sentences = [tokenize(text, tokenizer) for text in lines]
+    job = json.dumps(job or {}, sort_keys=True)
+    partial = output + ".partial"
+    h5 = None
+    if os.path.exists(partial):
+        try:
+            h5 = h5py.File(partial, "a")
+            if h5.attrs.get("job") != job:
+                log(f"{partial} is from another job (input, model or options differ): starting over")
+                h5.close()
+                h5 = None
+            else:
+                log(f"continuing {partial}: {len(h5):,} of {len(lines):,} lines already there")
+        except OSError:
+            log(f"{partial} is unreadable (interrupted while writing): starting over")
+            h5 = None
+    if h5 is None:
+        h5 = h5py.File(partial, "w")
+        h5.attrs["job"] = job
+    try:
+        todo = [i for i in range(len(sentences)) if str(i) not in h5]
+        progress = Progress("embed", sum(len(sentences[i]) for i in todo), "tokens")
+        for n, (i, vectors) in enumerate(embed_sentences(bilm, [sentences[i] for i in todo], batch_size,
+                                                         progress)):
+            if layers == "top":
+                vectors = vectors[-1]                               # (L+1, n, 2P) -> (n, 2P)
+            elif layers == "average":
+                vectors = vectors.mean(dim=0)                       # (L+1, n, 2P) -> (n, 2P)
+            h5.create_dataset(str(todo[i]), data=vectors.numpy())
+            if n % batch_size == batch_size - 1:
+                h5.flush()                                          # what a later run can continue from
+        index = {text: str(i) for i, text in enumerate(lines)}
+        if "sentence_to_index" in h5:                               # killed just before the rename
+            del h5["sentence_to_index"]
+        h5.create_dataset("sentence_to_index", (1,), dtype=h5py.string_dtype(), data=[json.dumps(index)])
+    finally:
+        h5.close()
+    os.replace(partial, output)
+    return len(lines)
+
+
+def nearest_words(bilm: BiLM, word: str, vocabulary: list, k: int = 5):
+    """Layer 0 has one vector per word, whatever its context: the k words of `vocabulary` nearest to `word`
+    by cosine of that vector (the paper's Table 4, GloVe row). -> [(word, cosine)]."""
+    words = [w for w in dict.fromkeys(vocabulary) if w != word]
+    with torch.no_grad():
+        device = next(bilm.parameters()).device
+        e = torch.cat([bilm.token_encoder(batch_to_ids([words[i:i + 4096]]).to(device))[0]
+                       for i in range(0, len(words), 4096)]).float().cpu()         # (N, P)
+        q = bilm.token_encoder(batch_to_ids([[word]]).to(device))[0].float().cpu()  # (1, P)
+    cos = F.cosine_similarity(e, q)                                                    # (N,)
+    top = cos.topk(min(k, len(words)))
+    return [(words[j], float(c)) for c, j in zip(top.values, top.indices)]
+
+
+def nearest_occurrences(bilm: BiLM, sentences: list, word: str, layer: int = -1, k: int = 5,
+                        batch_size: int = 64):
+    """Every occurrence of `word` in `sentences` (token lists), represented by ELMo layer `layer`; for each,
+    its k nearest occurrences in *other* sentences by cosine (the paper's Table 4, biLM rows: the nearest
+    uses of "play" are the ones in the same sense). -> occurrences [(sentence index, token position)] and,
+    per occurrence, [(neighbour's occurrence index, cosine)]."""
+    occurrences = [(s, t) for s, tokens in enumerate(sentences) for t, w in enumerate(tokens) if w == word]
+    if len(occurrences) < 2:
+        return occurrences, []
+    used = sorted({s for s, _ in occurrences})
+    vectors = {}
+    for j, layers in embed_sentences(bilm, [sentences[s] for s in used], batch_size):
+        vectors[used[j]] = layers[layer]                                               # (n, 2P)
+    v = F.normalize(torch.stack([vectors[s][t] for s, t in occurrences]), dim=1)       # (O, 2P)
+    cos = v @ v.T                                                                      # (O, O)
+    same = torch.tensor([s for s, _ in occurrences])
+    cos = cos.masked_fill(same.unsqueeze(0) == same.unsqueeze(1), float("-inf"))     # not the same sentence
+    top = cos.topk(min(k, len(occurrences) - 1), dim=1)
+    return occurrences, [[(int(j), float(c)) for c, j in zip(vals, idx) if c > float("-inf")]
+                         for vals, idx in zip(top.values, top.indices)]
+
+
+def _cli(argv=None):
+    """`python elmo.py SUBCOMMAND`: one parser; each subcommand's --help shows an example."""
+    import sys
+    p = ArgumentParser(__doc__)
+    sub = p.add_subparsers(dest="command", metavar="{convert,export,embed,neighbors}")
+
+    def command(name, summary, example):
+        return sub.add_parser(name, help=summary, description=f"{summary}\n\nexample:\n  {example}")
+
+    def elmo_flags(q):
+        q.add_argument("--elmo", required=True, help="biLM: a .pt checkpoint (train_lm.py, convert) or a "
+                       "published *_weights.hdf5 (its options found beside it, or --elmo-options)")
+        q.add_argument("--elmo-options", help="options JSON of a published weight file, when it is not "
+                       "X_options.json or options.json beside X_weights.hdf5")
+        q.add_argument("--lstm", default="auto", choices=["auto", "reference", "fused"],
+                       help="auto: the faster exact path (the reference cell when the weights clip, as the "
+                       "published ones do, and on a CPU); fused: nn.LSTM, which cannot clip")
+        q.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+        q.add_argument("--tokenizer", default="whitespace", choices=["whitespace", "regex", "ptb"],
+                       help="how lines become tokens (whitespace: the text is already tokenised)")
+        q.add_argument("--batch-size", type=int, default=64, help="sentences per batch")
+
+    q = command("convert", "published options JSON + weights HDF5 -> one of our .pt biLM checkpoints",
+                "python elmo.py convert --options elmo_small_options.json --weights elmo_small_weights.hdf5 "
+                "--out elmo_small.pt")
+    q.add_argument("--options", required=True, help="the published options JSON")
+    q.add_argument("--weights", required=True, help="the published weights HDF5")
+    q.add_argument("--out", required=True, help="checkpoint to write (.pt)")
+    q = command("export", "our biLM checkpoint -> DIR/options.json + DIR/weights.hdf5 (the published "
+                "layout: AllenNLP and bilm-tf load it)", "python elmo.py export --elmo lm.pt --out-dir lm_tf")
+    q.add_argument("--elmo", required=True, help="a biLM checkpoint (train_lm.py)")
+    q.add_argument("--out-dir", required=True, help="folder for options.json and weights.hdf5")
+    q = command("embed", "ELMo vectors of every line of a text file -> HDF5 (AllenNLP's `allennlp elmo` "
+                "layout)", "python elmo.py embed --elmo lm.pt --input sentences.txt --output vectors.hdf5")
+    elmo_flags(q)
+    q.add_argument("--input", required=True, help="text file, one sentence a line")
+    q.add_argument("--output", required=True, help="HDF5 file to write (OUTPUT.partial until complete; "
+                   "running the same command again continues an interrupted run)")
+    q.add_argument("--layers", default="all", choices=["all", "top", "average"],
+                   help="all: (L+1, n, 2P) per line; top: the last layer (n, 2P); average: their mean")
+    q.add_argument("--encoding", default="utf-8", help="of --input")
+    q = command("neighbors", "the paper's Table 4: the nearest other uses of a word, by a layer's cosine",
+                "python elmo.py neighbors --elmo lm.pt --sentences reviews.txt --word play --k 3")
+    elmo_flags(q)
+    q.add_argument("--sentences", required=True, help="text file, one sentence a line")
+    q.add_argument("--word", required=True, help="the word whose occurrences are compared")
+    q.add_argument("--layer", type=int, default=-1, help="ELMo layer (0 = context-free token layer; "
+                   "-1 = the top LSTM layer)")
+    q.add_argument("--k", type=int, default=3, help="neighbours per occurrence")
+    q.add_argument("--show", type=int, default=4, help="occurrences to show (the first ones in the file)")
+    q.add_argument("--max-lines", type=int, default=0, help="read at most this many lines (0 = all)")
+    args = p.parse_args(argv)
+    if args.command is None:
+        p.print_help()
+        return
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)   # noqa: E731  (stdout is for results)
+
+    if args.command == "convert":
+        ckpt = convert_official(args.options, args.weights)
+        atomic_save(ckpt, args.out)
+        c = ckpt["config"]
+        print(f"wrote {args.out}: biLM {c['n_layers']}x{c['lstm_dim']}_{c['projection_dim']}, clip "
+              f"{c['cell_clip'] or 'off'}/{c['proj_clip'] or 'off'}; use it as --elmo {args.out}")
+        return
+    if args.command == "export":
+        paths = export_official(load_elmo(args.elmo), args.out_dir)
+        print(f"wrote {paths[0]} and {paths[1]} (published layout; no LM softmax)")
+        return
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    bilm = load_elmo(args.elmo, pick_device(args.device), impl=args.lstm, options=args.elmo_options)
+    if bilm.config.token_encoder == "char":
+        bilm.token_encoder.remember_tokens()
+    if args.command == "embed":
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+            raise UserError(f"--output folder does not exist: {os.path.dirname(os.path.abspath(args.output))}")
+        from data import check_file
+        stat = os.stat(check_file(args.input, "--input"))
+        job = {"input": [os.path.abspath(args.input), stat.st_size, stat.st_mtime_ns],
+               "elmo": os.path.abspath(args.elmo), "layers": args.layers, "tokenizer": args.tokenizer,
+               "lstm": bilm.lstm_impl}
+        start = time.time()
+        n = embed_file(bilm, args.input, args.output, args.layers, args.batch_size, args.tokenizer,
+                       args.encoding, job, log)
+        print(f"wrote {args.output}: {n:,} lines, layers {args.layers}, in {fmt_time(time.time() - start)}")
+        return
+    # neighbors
+    from data import read_lines, tokenize
+    lines = [text for _, text in read_lines(args.sentences)]
+    lines = lines[:args.max_lines] if args.max_lines > 0 else lines
+    sentences = [tokenize(text, args.tokenizer) for text in lines]
+    if not -bilm.config.n_layers - 1 <= args.layer <= bilm.config.n_layers:
+        raise UserError(f"--layer must be in 0..{bilm.config.n_layers} (or negative from the top)")
+    occurrences, neighbours = nearest_occurrences(bilm, sentences, args.word, args.layer, args.k,
+                                                  args.batch_size)
+    if len(occurrences) < 2:
+        raise UserError(f"'{args.word}' occurs {len(occurrences)} time(s) in {args.sentences}; need at least "
+                        f"two (tokens are compared exactly, after --tokenizer {args.tokenizer})")
+    layer = args.layer % (bilm.config.n_layers + 1)
+
+    def context(s, t, width=8):
+        tokens = sentences[s]
+        left, right = " ".join(tokens[max(0, t - width):t]), " ".join(tokens[t + 1:t + 1 + width])
+        return f"{'... ' if t > width else ''}{left} [{tokens[t]}] {right}{' ...' if t + 1 + width < len(tokens) else ''}"
+
+    vocabulary = [w for tokens in sentences for w in tokens][:2_000_000]
+    close = ", ".join(f"{w} {c:.2f}" for w, c in nearest_words(bilm, args.word, vocabulary, 8))
+    print(f"'{args.word}': {len(occurrences):,} occurrences in {len({s for s, _ in occurrences}):,} sentences of "
+          f"{args.sentences}; layer {layer} of {bilm.config.n_layers}, cosine\n")
+    print(f"layer 0 has one vector for every '{args.word}', whatever the context; its nearest other words:\n"
+          f"    {close}\n")
+    for o in range(min(args.show, len(occurrences))):
+        s, t = occurrences[o]
+        print(f"line {s + 1}: {context(s, t)}")
+        for j, c in neighbours[o]:
+            print(f"    {c:.2f}  line {occurrences[j][0] + 1}: {context(*occurrences[j])}")
+        print()
+
+
+if __name__ == "__main__":
+    run_main(_cli)

@@ -120,6 +120,233 @@ def test_elmo_embedder_matches_allennlp(golden, official):
         assert torch.allclose(out["elmo"][0], torch.from_numpy(golden[key]), atol=ATOL), key
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The published files as a first-class path: names, convert / export round trips, embed, neighbours
+# ---------------------------------------------------------------------------------------------------------
+def published_pair(folder, prefix="elmo_tiny_"):
+    """The golden fixture's two files under the published names (`X_options.json`, `X_weights.hdf5`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(os.path.join(GOLDEN, "options.json"), folder / f"{prefix}options.json")
+    shutil.copy(os.path.join(GOLDEN, "weights.hdf5"), folder / f"{prefix}weights.hdf5")
+    return folder / f"{prefix}options.json", folder / f"{prefix}weights.hdf5"
+
+
+def test_published_names_find_their_options(tmp_path, golden):
+    """Catches the rename users had to guess: `X_weights.hdf5` loads with `X_options.json` beside it, else
+    with `options.json`, else with an explicit options path; with none of them, the error names all three."""
+    from elmo import find_options
+    ids = batch_to_ids(json.loads(str(golden["sentences_json"])))
+    expected = torch.from_numpy(golden["layer_2"])
+    options, weights = published_pair(tmp_path / "published")
+    assert find_options(str(weights)) == str(options)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    shutil.copy(weights, plain / "elmo_tiny_weights.hdf5")
+    shutil.copy(options, plain / "options.json")
+    assert find_options(str(plain / "elmo_tiny_weights.hdf5")) == str(plain / "options.json")
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(weights, alone / "elmo_tiny_weights.hdf5")
+    with pytest.raises(UserError) as e:
+        load_elmo(str(alone / "elmo_tiny_weights.hdf5"))
+    assert all(s in str(e.value) for s in ("elmo_tiny_options.json", "/options.json", "--elmo-options"))
+    for path, opts in ((weights, None), (plain / "elmo_tiny_weights.hdf5", None),
+                       (alone / "elmo_tiny_weights.hdf5", options)):
+        with torch.no_grad():
+            out = load_elmo(str(path), options=opts and str(opts))(ids, boundaries=True)["activations"][2]
+        assert torch.allclose(out, expected, atol=ATOL), path
+
+
+def test_convert_and_export_round_trips_are_bit_exact(tmp_path, tiny_lm):
+    """Catches a conversion that is not the inverse of the other direction: a transposed kernel, the TF gate
+    order not restored, the forget gate's +1.0 folded twice or lost, the padding row of the character
+    embedding kept, a clip value that is not remembered. (1) published file -> convert -> export gives the
+    same datasets, bit for bit, and the same options; (2) a biLM trained here -> export -> convert computes
+    what it computed, and exporting that again gives identical files."""
+    import h5py
+    from elmo import convert_official, export_official, load_official_weights
+    options, weights = published_pair(tmp_path / "published")
+    ckpt = convert_official(str(options), str(weights))
+    atomic_save(ckpt, tmp_path / "converted.pt")
+    converted = load_checkpoint(str(tmp_path / "converted.pt"), "bilm")           # weights_only=True inside
+    assert converted["config"]["cell_clip"] == 3.0 and converted["config"]["proj_clip"] == 3.0
+    export_official(load_elmo(str(tmp_path / "converted.pt")), str(tmp_path / "back"))
+
+    def datasets(path):
+        with h5py.File(path, "r") as h5:
+            out = {}
+            h5.visititems(lambda name, obj: out.__setitem__(name, obj[...]) if isinstance(obj, h5py.Dataset)
+                          else None)
+            return out
+    original, back = datasets(weights), datasets(tmp_path / "back" / "weights.hdf5")
+    assert original.keys() == back.keys()
+    for name in original:
+        assert original[name].dtype == back[name].dtype == np.float32, name
+        assert np.array_equal(original[name], back[name]), name
+    assert json.loads((tmp_path / "back" / "options.json").read_text()) == json.loads(options.read_text())
+
+    ours = load_elmo(str(tiny_lm))
+    export_official(ours, str(tmp_path / "ours"))
+    again = load_official_weights(str(tmp_path / "ours" / "options.json"), str(tmp_path / "ours" / "weights.hdf5"))
+    ids = batch_to_ids(SENTENCES)
+    with torch.no_grad():
+        for a, b in zip(ours(ids)["activations"], again(ids)["activations"]):
+            assert torch.allclose(a, b, atol=1e-6)
+    export_official(again, str(tmp_path / "ours2"))
+    first, second = datasets(tmp_path / "ours" / "weights.hdf5"), datasets(tmp_path / "ours2" / "weights.hdf5")
+    assert all(np.array_equal(first[n], second[n]) for n in first)
+
+
+def test_embed_file_writes_allennlp_layout_and_continues_after_interruption(tmp_path, official, monkeypatch):
+    """Catches an `embed` file code written for AllenNLP's command cannot read (dataset names, shapes,
+    dtype, the sentence_to_index map), vectors that differ from the model's own (length-sorted batching
+    mixing sentences up), an empty line that shifts the indices, a half file under the final name, and a
+    rerun that starts over instead of continuing."""
+    import h5py
+    import elmo
+    lines = ["the cat sat on the mat .", "", "a", "naïve café !", "the dog ran after the cat"] * 3
+    (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
+    sentences = [line.split() for line in lines]
+    L, width = official.config.n_layers + 1, 2 * official.config.projection_dim
+    for layers in ("all", "top", "average"):
+        out = tmp_path / f"{layers}.hdf5"
+        assert elmo.embed_file(official, str(tmp_path / "in.txt"), str(out), layers, batch_size=4,
+                               log=lambda m: None) == len(lines)
+        with h5py.File(out, "r") as h5:
+            assert set(h5.keys()) == {str(i) for i in range(len(lines))} | {"sentence_to_index"}
+            index = json.loads(h5["sentence_to_index"][0])
+            assert index["naïve café !"] == "13" and index[""] == "11"         # the last occurrence, as AllenNLP
+            for i, tokens in enumerate(sentences):
+                v = h5[str(i)]
+                assert v.dtype == np.float32
+                assert v.shape == ((L, len(tokens), width) if layers == "all" else (len(tokens), width))
+                if tokens:
+                    with torch.no_grad():
+                        alone = torch.stack(official(batch_to_ids([tokens]))["activations"])[:, 0]  # (L, n, 2P)
+                    expected = {"all": alone, "top": alone[-1], "average": alone.mean(0)}[layers]
+                    assert np.allclose(v[...], expected.numpy(), atol=1e-5), (layers, i)
+    # interrupted after the first batch: no final file; the rerun computes only the rest
+    real = elmo.embed_sentences
+
+    def interrupted(bilm, sentences, batch_size, progress=None):
+        for n, item in enumerate(real(bilm, sentences, batch_size, progress)):
+            if n == 7:
+                raise KeyboardInterrupt
+            yield item
+    monkeypatch.setattr(elmo, "embed_sentences", interrupted)
+    out = tmp_path / "resumed.hdf5"
+    with pytest.raises(KeyboardInterrupt):
+        elmo.embed_file(official, str(tmp_path / "in.txt"), str(out), "all", batch_size=4, job={"a": 1})
+    assert not out.exists() and (tmp_path / "resumed.hdf5.partial").exists()
+    seen = []
+
+    def counting(bilm, sentences, batch_size, progress=None):
+        seen.extend(sentences)
+        yield from real(bilm, sentences, batch_size, progress)
+    monkeypatch.setattr(elmo, "embed_sentences", counting)
+    elmo.embed_file(official, str(tmp_path / "in.txt"), str(out), "all", batch_size=4, job={"a": 1},
+                    log=lambda m: None)
+    assert 0 < len(seen) < len(lines)
+    with h5py.File(out, "r") as h5, h5py.File(tmp_path / "all.hdf5", "r") as clean:
+        assert all(np.allclose(h5[k][...], clean[k][...], atol=1e-6) for k in clean if k != "sentence_to_index")
+    assert not (tmp_path / "resumed.hdf5.partial").exists()
+
+
+def test_neighbors_context_free_layer_cannot_tell_uses_apart(official):
+    """Catches a neighbours table that compares the wrong vectors: at layer 0 (the character CNN, no
+    context) every occurrence of a word has the same vector, so all its neighbours have cosine 1; at the
+    top layer the context separates them. Occurrences in the same sentence are never each other's
+    neighbours."""
+    from elmo import nearest_occurrences, nearest_words
+    sentences = [s.split() for s in ["we play chess", "they play in the park", "a play by shakespeare",
+                                     "play it again", "play and play again"]]
+    occurrences, top = nearest_occurrences(official, sentences, "play", layer=-1, k=3)
+    assert len(occurrences) == 6
+    _, flat = nearest_occurrences(official, sentences, "play", layer=0, k=3)
+    assert all(abs(c - 1.0) < 1e-5 for row in flat for _, c in row)
+    assert not all(abs(c - 1.0) < 1e-3 for row in top for _, c in row)
+    for o, row in enumerate(top):
+        assert [c for _, c in row] == sorted((c for _, c in row), reverse=True)
+        assert all(occurrences[j][0] != occurrences[o][0] for j, _ in row)
+    words = nearest_words(official, "play", [w for s in sentences for w in s], k=4)
+    assert len(words) == 4 and "play" not in [w for w, _ in words]
+
+
+@pytest.mark.slow
+def test_elmo_cli_subcommands_end_to_end(tmp_path):
+    """Catches a broken command line: `python elmo.py convert | export | embed | neighbors` run as a user
+    would, and the published pair used directly by train_sst.py --elmo."""
+    options, weights = published_pair(tmp_path / "pub")
+    r = run_script("elmo.py", "convert", "--options", options, "--weights", weights, "--out", tmp_path / "c.pt")
+    assert r.returncode == 0 and "clip 3.0/3.0" in r.stdout, r.stderr
+    r = run_script("elmo.py", "export", "--elmo", tmp_path / "c.pt", "--out-dir", tmp_path / "exp")
+    assert r.returncode == 0 and (tmp_path / "exp" / "weights.hdf5").exists(), r.stderr
+    (tmp_path / "s.txt").write_text("we play chess\nthey play in the park\n\na play by shakespeare\n")
+    r = run_script("elmo.py", "embed", "--elmo", weights, "--input", tmp_path / "s.txt", "--output",
+                   tmp_path / "v.hdf5", "--layers", "top")
+    assert r.returncode == 0 and "4 lines" in r.stdout and "embed:" in r.stderr, r.stderr
+    r = run_script("elmo.py", "neighbors", "--elmo", tmp_path / "c.pt", "--sentences", tmp_path / "s.txt",
+                   "--word", "play", "--k", "2")
+    assert r.returncode == 0 and "3 occurrences" in r.stdout and "[play]" in r.stdout, r.stderr
+    (tmp_path / "sst.tsv").write_text("sentence\tlabel\na fine film\t1\nawful\t0\n")
+    r = run_script("train_sst.py", "--elmo", weights, "--train-file", tmp_path / "sst.tsv", "--dev-file",
+                   tmp_path / "sst.tsv", "--max-steps", 2, "--out", tmp_path / "sst.pt")
+    assert r.returncode == 0, r.stderr
+
+
+def bad_published_files(d):
+    """(name, argv, words the message must contain) for every way a published pair can be broken."""
+    import h5py
+    options, weights = published_pair(d / "pub")
+    convert = ["elmo.py", "convert", "--out", str(d / "out.pt")]
+    (d / "broken.json").write_text('{"lstm": {"dim": 64,, }')
+    (d / "nodim.json").write_text(json.dumps({**json.loads(options.read_text()), "lstm": {"projection_dim": 16}}))
+    other = json.loads(options.read_text())
+    other["lstm"]["projection_dim"] = 8
+    (d / "other.json").write_text(json.dumps(other))
+    shutil.copy(weights, d / "missing.hdf5")
+    with h5py.File(d / "missing.hdf5", "a") as h5:
+        del h5["CNN_proj/W_proj"]
+    full = weights.read_bytes()
+    (d / "truncated.hdf5").write_bytes(full[: len(full) // 3])
+    (d / "ok.tsv").write_text("sentence\tlabel\na fine film\t1\nawful\t0\n")
+    (d / "lonely").mkdir()
+    shutil.copy(weights, d / "lonely" / "x_weights.hdf5")
+    return [
+        ("malformed options JSON", convert + ["--options", str(d / "broken.json"), "--weights", str(weights)],
+         ["broken.json", "not valid JSON", "line 1"]),
+        ("options missing a key", convert + ["--options", str(d / "nodim.json"), "--weights", str(weights)],
+         ["nodim.json", "'lstm.dim'"]),
+        ("HDF5 missing a dataset", convert + ["--options", str(options), "--weights", str(d / "missing.hdf5")],
+         ["missing.hdf5", "'CNN_proj/W_proj'"]),
+        ("truncated HDF5", convert + ["--options", str(options), "--weights", str(d / "truncated.hdf5")],
+         ["truncated.hdf5", "not a readable HDF5"]),
+        ("options of another model", convert + ["--options", str(d / "other.json"), "--weights", str(weights)],
+         ["'CNN_proj/W_proj'", "(28, 16)", "(28, 8)"]),
+        ("no options beside the weights", ["elmo.py", "embed", "--elmo", str(d / "lonely" / "x_weights.hdf5"),
+                                           "--input", str(d / "nodim.json"), "--output", str(d / "v.hdf5")],
+         ["x_options.json", "options.json", "--elmo-options"]),
+        ("bad file through train_sst.py", ["train_sst.py", "--elmo", str(weights), "--elmo-options",
+                                           str(d / "broken.json"), "--train-file", str(d / "ok.tsv"),
+                                           "--dev-file", str(d / "ok.tsv")], ["not valid JSON"]),
+    ]
+
+
+def test_bad_published_files_are_one_line_exit_2_and_write_nothing(tmp_path):
+    """Catches a traceback (JSONDecodeError, h5py's KeyError or OSError, an IndexError deep in the
+    conversion) where a user needs one line naming the file and what is wrong, and outputs left behind."""
+    failures = []
+    for name, argv, needles in bad_published_files(tmp_path):
+        before = set(os.listdir(tmp_path))
+        r = run_script(*argv, env={"HF_HUB_OFFLINE": "1"}, timeout=120)
+        try:
+            assert_user_error(r, *needles)
+            assert set(os.listdir(tmp_path)) == before, "an output file was left behind"
+        except AssertionError as e:
+            failures.append(f"{name}: {e}")
+    assert not failures, "\n".join(failures)
+
+
 def test_ptb_tokenizer_cuts_raw_text_the_way_sst_is_cut():
     """Catches a biLM/task tokenisation mismatch: SST says "does n't"; a biLM pretrained on "doesn't" has
     never seen the negation as a token. 'ptb' turns raw text into SST's conventions and leaves text that
@@ -264,6 +491,31 @@ def test_reference_and_fused_lstm_agree():
     for a, b in zip(outs["reference"], outs["fused"]):
         assert torch.allclose(a, b, atol=1e-5)
     assert torch.allclose(grads["reference"], grads["fused"], atol=1e-4)
+
+
+def test_reference_cell_carries_state_like_nn_lstm_and_auto_picks_the_exact_faster_path(tmp_path):
+    """Catches a reference cell that mishandles a carried state (stream training passes one; the cell
+    steps on columns, so a state must be transposed in and out), and an `auto` that picks nn.LSTM where it
+    cannot be exact (clipping) or a path other than the documented one."""
+    layer = tiny_model().forward_lstm.layers[0]
+    x = torch.randn(3, 5, 16)
+    state = (torch.randn(3, 16), torch.randn(3, 32))                 # h (B, P), c (B, D)
+    with torch.no_grad():
+        (out_r, (h_r, c_r)), (out_f, (h_f, c_f)) = layer.reference(x, state), layer.fused(x, state)
+    assert torch.allclose(out_r, out_f, atol=1e-5) and out_r.is_contiguous()
+    assert torch.allclose(h_r, h_f, atol=1e-5) and torch.allclose(c_r, c_f, atol=1e-5)
+    model = tiny_model()
+    assert model.lstm_impl == "fused"                                 # training: nn.LSTM
+    with torch.no_grad():
+        assert model.lstm_impl == "reference"                         # frozen, on the CPU: the faster one
+    assert tiny_model(proj_clip=3.0).lstm_impl == "reference"
+    clipped = tiny_model(cell_clip=3.0)
+    from dataclasses import asdict
+    from elmo import CHECKPOINT_FORMAT
+    atomic_save({"format": CHECKPOINT_FORMAT, "kind": "bilm", "config": asdict(clipped.config), "vocab": None,
+                 "model": clipped.state_dict()}, tmp_path / "clipped.pt")
+    with pytest.raises(UserError, match="cannot"):
+        load_elmo(str(tmp_path / "clipped.pt"), impl="fused")
 
 
 def test_fused_refuses_clipping():

@@ -428,6 +428,9 @@ def main(argv=None):
         if not args.ckpt or not args.valid_file:
             raise UserError("--eval-only needs --ckpt PATH and --valid-file FILE")
         ckpt = load_checkpoint(args.ckpt, "bilm")
+        if not ckpt["config"].get("vocab_size"):
+            raise UserError(f"{args.ckpt} has no LM softmax (converted from published weights, which do not "
+                            f"include it): it gives ELMo vectors, but no perplexity")
         model = bilm_from_checkpoint(ckpt, args.lstm_impl).to(device)
         if args.tokenizer == "auto":
             args.tokenizer = ckpt["args"].get("tokenizer", "auto")

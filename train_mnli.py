@@ -44,8 +44,11 @@ HUB_DEV = {"matched": "validation_matched", "mismatched": "validation_mismatched
 def parse_args(argv=None):
     p = ArgumentParser(__doc__)
     g = p.add_argument_group("model")
-    g.add_argument("--elmo", help="biLM checkpoint (train_lm.py) or official *.hdf5, 'random' (same "
-                   "architecture as --preset, untrained) or 'none' (word embeddings only)")
+    g.add_argument("--elmo", help="biLM checkpoint (train_lm.py, elmo.py convert) or a published "
+                   "*_weights.hdf5, 'random' (same architecture as --preset, untrained) or 'none' (word "
+                   "embeddings only)")
+    g.add_argument("--elmo-options", help="options JSON of a published weight file (default: X_options.json, "
+                   "else options.json, beside X_weights.hdf5)")
     g.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="architecture for --elmo random")
     g.add_argument("--encoder", default="bilstm", choices=["bilstm", "mean"], help="'mean': mean-pooled "
                    "features, no LSTM (CBoW baseline)")
@@ -297,7 +300,7 @@ def main(argv=None):
     if resume:
         spec, bilm_state = resume["spec"], resume["bilm"]
     else:
-        bilm, described = frozen_bilm(args.elmo, args.preset, args.seed)
+        bilm, described = frozen_bilm(args.elmo, args.preset, args.seed, args.elmo_options)
         if bilm is None and not args.word_dim:
             raise UserError("--elmo none needs --word-dim > 0 (there would be no features at all)")
         word_vocab = None

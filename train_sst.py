@@ -1,10 +1,11 @@
 """Sentiment classification (SST-2 / SST-5) on frozen ELMo: biLM layers -> scalar mix -> BiLSTM -> pool -> MLP.
 
-Reads a biLM checkpoint from train_lm.py (`--elmo lm.pt`), or official weights (`--elmo weights.hdf5` with
-options.json beside it), or builds a baseline: `--elmo random` (the same architecture, untrained, frozen)
-or `--elmo none` (trainable word embeddings, no pretraining). Data: SST-2 style TSV (`sentence<TAB>label`,
-with a header) or SST trees in PTB format (`trainDevTestTrees_PTB`: one tree a line, root label = sentence
-label), or the hub (stanfordnlp/sst2, SetFit/sst5). Writes `--out` (best dev accuracy) and `<out>.last.pt`.
+Reads a biLM checkpoint (`--elmo lm.pt`, from train_lm.py or `elmo.py convert`), or AllenNLP's published
+weights (`--elmo elmo_..._weights.hdf5`, with `elmo_..._options.json` beside it), or builds a baseline:
+`--elmo random` (the same architecture, untrained, frozen) or `--elmo none` (trainable word embeddings, no
+pretraining). Data: SST-2 style TSV (`sentence<TAB>label`, with a header) or SST trees in PTB format
+(`trainDevTestTrees_PTB`: one tree a line, root label = sentence label), or the hub (stanfordnlp/sst2,
+SetFit/sst5). Writes `--out` (best dev accuracy) and `<out>.last.pt`.
 
   # CPU smoke run, under a minute (tiny biLM from train_lm.py's smoke run)
   python train_sst.py --elmo /tmp/tiny.pt --task sst2 --train-file ../shared/data/sst2/dev.tsv \\
@@ -45,8 +46,11 @@ HUB = {"sst2": ("stanfordnlp/sst2", None, "sentence", "validation"),
 def parse_args(argv=None):
     p = ArgumentParser(__doc__)
     g = p.add_argument_group("model")
-    g.add_argument("--elmo", help="biLM checkpoint (train_lm.py) or official *.hdf5, 'random' (same "
-                   "architecture as --preset, untrained) or 'none' (word embeddings only)")
+    g.add_argument("--elmo", help="biLM checkpoint (train_lm.py, elmo.py convert) or a published "
+                   "*_weights.hdf5, 'random' (same architecture as --preset, untrained) or 'none' (word "
+                   "embeddings only)")
+    g.add_argument("--elmo-options", help="options JSON of a published weight file (default: X_options.json, "
+                   "else options.json, beside X_weights.hdf5)")
     g.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="architecture for --elmo random")
     g.add_argument("--encoder", default="bilstm", choices=["bilstm", "mean"], help="'mean': the notebook's "
                    "mean-pooled features -> MLP, no LSTM")
@@ -287,7 +291,7 @@ def main(argv=None):
     if resume:
         spec, bilm_state = resume["spec"], resume["bilm"]
     else:
-        bilm, described = frozen_bilm(args.elmo, args.preset, args.seed)
+        bilm, described = frozen_bilm(args.elmo, args.preset, args.seed, args.elmo_options)
         if bilm is None and not args.word_dim:
             raise UserError("--elmo none needs --word-dim > 0 (there would be no features at all)")
         word_vocab = None
