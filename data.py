@@ -645,3 +645,36 @@ def read_tsv(path: str, columns: list[str], encoding="utf-8", skip_bad_lines=Fal
         if len(parts) <= max(index):
             raise UserError(f"{path}:{number}: expected {len(names)} tab-separated fields, found {len(parts)}")
         yield number, {c: parts[i] for c, i in zip(columns, index)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A task's text for the biLM (paper section 3.4: fine-tune the biLM on the task's text, labels dropped)
+# ---------------------------------------------------------------------------------------------------------
+def maximal_phrases(sentences: list[list[str]]) -> list[list[str]]:
+    """Drop every token sequence that occurs inside a longer one (and repeats), keeping the first order.
+    GLUE's SST-2 training set is the treebank's 67k *phrases*; the biLM should read its ~7k sentences,
+    each once, not every sub-phrase again."""
+    kept, spans = set(), set()
+    for tokens in sorted({tuple(s) for s in sentences if s}, key=len, reverse=True):
+        if tokens in spans:
+            continue
+        kept.add(tokens)
+        spans.update(tokens[i:j] for i in range(len(tokens)) for j in range(i + 1, len(tokens) + 1))
+    out, seen = [], set()
+    for s in sentences:
+        t = tuple(s)
+        if t in kept and t not in seen:
+            seen.add(t)
+            out.append(s)
+    return out
+
+
+def write_lm_text(sentences: list[list[str]], path: str) -> int:
+    """Sentences -> a text file for train_lm.py: one sentence a line, tokens joined by spaces (already cut
+    as the task cuts them, which --tokenizer ptb leaves unchanged), written atomically. -> lines written."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for tokens in sentences:
+            f.write(" ".join(tokens) + "\n")
+    os.replace(tmp, path)
+    return len(sentences)

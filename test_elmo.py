@@ -310,6 +310,9 @@ def bad_published_files(d):
     full = weights.read_bytes()
     (d / "truncated.hdf5").write_bytes(full[: len(full) // 3])
     (d / "ok.tsv").write_text("sentence\tlabel\na fine film\t1\nawful\t0\n")
+    from elmo import convert_official
+    atomic_save(convert_official(str(options), str(weights)), d / "converted.pt")
+    (d / "text.txt").write_text("the cat sat\n" * 30)
     (d / "lonely").mkdir()
     shutil.copy(weights, d / "lonely" / "x_weights.hdf5")
     return [
@@ -326,6 +329,10 @@ def bad_published_files(d):
         ("no options beside the weights", ["elmo.py", "embed", "--elmo", str(d / "lonely" / "x_weights.hdf5"),
                                            "--input", str(d / "nodim.json"), "--output", str(d / "v.hdf5")],
          ["x_options.json", "options.json", "--elmo-options"]),
+        ("fine-tuning a converted biLM", ["train_lm.py", "--init-from", str(d / "converted.pt"), "--train-file",
+                                          str(d / "text.txt"), "--out", str(d / "ft.pt")], ["no LM softmax"]),
+        ("perplexity of a converted biLM", ["train_lm.py", "--eval-only", "--ckpt", str(d / "converted.pt"),
+                                            "--valid-file", str(d / "text.txt")], ["no LM softmax"]),
         ("bad file through train_sst.py", ["train_sst.py", "--elmo", str(weights), "--elmo-options",
                                            str(d / "broken.json"), "--train-file", str(d / "ok.tsv"),
                                            "--dev-file", str(d / "ok.tsv")], ["not valid JSON"]),
@@ -1099,6 +1106,41 @@ def test_user_errors_are_one_line_exit_2_and_write_nothing(tmp_path, tiny_lm):
         except AssertionError as e:
             failures.append(f"{name}: {e}")
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.slow
+def test_init_from_fine_tunes_on_task_text_keeping_vocabulary(tmp_path, tiny_lm):
+    """Catches domain adaptation (paper 3.4) that silently starts over or rebuilds the vocabulary from the
+    task text (the softmax rows would no longer mean the same words), that keeps the old optimizer state
+    or step count, or that leaves the weights untouched; and a task text that is every SST phrase instead
+    of every sentence once."""
+    (tmp_path / "sst.tsv").write_text("sentence\tlabel\nthe cat sat on the mat\t1\nthe cat\t1\n"
+                                      "on the mat\t0\na dog ran\t0\nthe cat sat on the mat\t1\n")
+    r = run_script("train_sst.py", "--task", "sst2", "--train-file", tmp_path / "sst.tsv", "--dev-file",
+                   tmp_path / "sst.tsv", "--write-lm-text", tmp_path / "task.txt")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "task.txt").read_text() == "the cat sat on the mat\na dog ran\n"
+    (tmp_path / "task.txt").write_text("the zebra sat on the mat\na dog ran far\n" * 20)
+    r = run_script("train_lm.py", "--init-from", tiny_lm, "--train-file", tmp_path / "task.txt", "--max-steps", 3,
+                   "--batch-tokens", 200, "--out", tmp_path / "ft.pt", "--threads", 1)
+    assert r.returncode == 0, r.stderr
+    assert "init from" in r.stdout
+    base, ft = torch.load(tiny_lm, weights_only=True), torch.load(tmp_path / "ft.last.pt", weights_only=True)
+    assert ft["vocab"] == base["vocab"] and ft["config"] == base["config"]
+    assert "zebra" not in ft["vocab"]
+    assert ft["step"] == 3 and ft["args"]["init_from"] == str(tiny_lm)
+    assert len(ft["optimizer"]["state"]) > 0 and all(int(v["step"]) == 3 for v in ft["optimizer"]["state"].values())
+    changed = [k for k in base["model"] if not torch.equal(base["model"][k], ft["model"][k])]
+    assert len(changed) > len(base["model"]) // 2, changed
+    for k in changed:                               # moved a little from the biLM, not started over
+        if base["model"][k].dim() == 2:
+            assert (ft["model"][k] - base["model"][k]).norm() < 0.5 * base["model"][k].norm(), k
+
+
+def test_maximal_phrases_keeps_each_sentence_once():
+    """Catches a task text that repeats sub-phrases (SST-2's training set is every phrase of every tree)."""
+    phrases = [["a", "b", "c"], ["b", "c"], ["x"], ["a", "b", "c"], ["c", "d"], ["b"]]
+    assert data.maximal_phrases(phrases) == [["a", "b", "c"], ["x"], ["c", "d"]]
 
 
 def test_skip_bad_lines_counts_and_continues(tmp_path):

@@ -21,6 +21,9 @@ state, as ELMo reads them downstream; `stream`, as bilm-tf trained ELMo: every b
   # bilm-tf's regime: 20-token windows of the running text, state carried between them
   python train_lm.py --preset cpu --context stream --unroll 20 --train-file ../shared/data/ptb/ptb.train.txt \\
       --valid-file ../shared/data/ptb/ptb.valid.txt --max-minutes 15 --out ptb_stream.pt
+  # domain adaptation (paper 3.4): one epoch over the task's sentences, from a pretrained biLM
+  python train_sst.py --task sst2 --data-dir ../shared/data/sst2 --write-lm-text sst2_text.txt
+  python train_lm.py --init-from lm.pt --train-file sst2_text.txt --epochs 1 --out lm_sst2.pt
   # resume an interrupted run (Ctrl-C writes <out>.last.pt), or evaluate a checkpoint
   python train_lm.py --resume --out ptb.pt --train-file ... --valid-file ...
   python train_lm.py --eval-only --ckpt ptb.pt --valid-file ../shared/data/ptb/ptb.valid.txt \\
@@ -127,6 +130,10 @@ def parse_args(argv=None):
     g = p.add_argument_group("checkpoints")
     g.add_argument("--out", default="lm.pt", help="best checkpoint; the latest goes to <out>.last.pt")
     g.add_argument("--resume", action="store_true", help="continue from <out>.last.pt")
+    g.add_argument("--init-from", help="start from this biLM checkpoint: its weights, vocabulary, config and "
+                   "tokenizer; a new optimizer and schedule, written to --out. Paper section 3.4: fine-tune "
+                   "the biLM on the task's text (labels dropped), then freeze it (train_sst.py / "
+                   "train_mnli.py --write-lm-text write that text)")
     g.add_argument("--eval-only", action="store_true", help="evaluate --ckpt on --valid-file and exit")
     g.add_argument("--ckpt", help="checkpoint for --eval-only")
     g.add_argument("--metrics-json", help="write the last evaluation here as JSON")
@@ -411,6 +418,23 @@ def evaluate_stream(model, corpus, args, device, autocast):
 # ---------------------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------------------
+def initial_biLM(args, log):
+    """--init-from: the checkpoint to start from (weights, vocabulary, config), checked to be one that can
+    go on training (a converted published biLM has no LM softmax). Its tokenizer becomes this run's, so
+    the task text is cut the way the biLM's own text was. None without --init-from."""
+    if not args.init_from:
+        return None
+    init = load_checkpoint(args.init_from, "bilm")
+    if not init["config"].get("vocab_size") or not init.get("vocab"):
+        raise UserError(f"--init-from {args.init_from} has no LM softmax or vocabulary (converted from "
+                        f"published weights, which do not include them): it cannot go on training")
+    if args.tokenizer == "auto":
+        args.tokenizer = init["args"].get("tokenizer", "auto")
+    log(f"init from {args.init_from} (step {init.get('step', 0)}): its weights, vocabulary "
+        f"({len(init['vocab']):,} words) and architecture; --preset and the model flags are not used")
+    return init
+
+
 def main(argv=None):
     args = parse_args(argv)
     log = lambda msg: print(msg, flush=True)   # noqa: E731
@@ -458,6 +482,7 @@ def main(argv=None):
         resume = load_checkpoint(last_path(args.out), "bilm")
     elif args.ckpt:
         raise UserError("--ckpt is for --eval-only; to continue a run use --resume with the same --out")
+    init = None if resume else initial_biLM(args, log)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise UserError(f"--out directory does not exist: {out_dir}")
@@ -472,7 +497,8 @@ def main(argv=None):
     args.context = args.context or "sentence"
     if not dist.main:                         # rank 0 builds the token shards, the others then open them
         torch.distributed.barrier()
-    train, vocab = load_corpus(args.train_file, "train", args, log, vocab=resume["vocab"] if resume else None)
+    start = resume or init                    # a vocabulary to keep, if any
+    train, vocab = load_corpus(args.train_file, "train", args, log, vocab=start["vocab"] if start else None)
     valid = load_corpus(args.valid_file, "validation", args, log, vocab)[0] \
         if (args.valid_file or not args.train_file) else None
     if dist.main and dist.world > 1:
@@ -484,8 +510,8 @@ def main(argv=None):
           f"{time.time() - t0:.1f}s")
 
     # ---- model --------------------------------------------------------------------------------------
-    if resume:
-        config = ELMoConfig.from_dict(resume["config"])
+    if start:
+        config = ELMoConfig.from_dict(start["config"])
     else:
         overrides = {k: getattr(args, k) for k in ("token_encoder", "lstm_dim", "projection_dim", "n_layers",
                      "cell_clip", "proj_clip", "dropout", "softmax") if getattr(args, k) is not None}
@@ -496,12 +522,14 @@ def main(argv=None):
     if args.lstm_impl == "fused" and (config.cell_clip or config.proj_clip):
         raise UserError("--lstm-impl fused cannot clip: set --cell-clip 0 --proj-clip 0, or use reference")
     model = BiLM(config, impl=args.lstm_impl)
-    if args.glove and not resume:
+    if args.glove and not start:
         if config.token_encoder != "word":
             raise UserError("--glove needs --token-encoder word")
         with torch.no_grad():
             for i, v in read_glove(args.glove, vocab, config.word_embed_dim, log).items():
                 model.token_encoder.embed.weight[i] = v
+    if init:
+        model.load_state_dict(init["model"])
     model.to(device)
     lr = args.lr or {"adam": 5e-3, "adagrad": 0.2, "sgd": 1.0}[args.optimizer]
     if args.optimizer == "adam":

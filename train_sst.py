@@ -93,6 +93,8 @@ def parse_args(argv=None):
     g.add_argument("--log-every", type=int, default=100)
     g = p.add_argument_group("checkpoints")
     g.add_argument("--out", default="sst.pt", help="best checkpoint; the latest goes to <out>.last.pt")
+    g.add_argument("--write-lm-text", metavar="FILE", help="write the training sentences (each once; phrases inside a longer one dropped) to FILE, one a line, as text for "
+                   "train_lm.py --init-from (paper 3.4: fine-tune the biLM on the task's text), and exit")
     g.add_argument("--resume", action="store_true", help="continue from <out>.last.pt")
     g.add_argument("--eval-only", action="store_true", help="evaluate --ckpt on --test-file and exit")
     g.add_argument("--ckpt", help="classifier checkpoint for --eval-only / --predict")
@@ -283,6 +285,11 @@ def main(argv=None):
     # ---- data ---------------------------------------------------------------------------------------
     random.seed(args.seed)
     train = load_split(args, "train")
+    if args.write_lm_text:
+        n = data.write_lm_text(data.maximal_phrases([tokens for tokens, _ in train]), args.write_lm_text)
+        log(f"wrote {n:,} sentences to {args.write_lm_text} (for train_lm.py --init-from LM --train-file "
+            f"{args.write_lm_text})")
+        return
     dev = load_split(args, "dev")
     labels = LABELS[args.task]
     log(f"data: {args.task} train {len(train):,} examples, dev {len(dev):,} examples; labels {labels}")
