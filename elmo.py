@@ -671,18 +671,28 @@ class TokenFeatures(nn.Module):
     sentence of the batch, otherwise from the biLM itself."""
 
     def __init__(self, bilm: BiLM | None = None, word_vocab: list | None = None, word_dim: int = 300,
-                 n_outputs: int = 1, layer_norm: bool = False, elmo_dropout: float = 0.5,
+                 elmo_at: str = "input", layer_norm: bool = False, elmo_dropout: float = 0.5,
                  word_dropout: float = 0.2):
         super().__init__()
         if bilm is None and not (word_vocab and word_dim):
             raise ValueError("TokenFeatures needs a biLM, word embeddings, or both")
-        self.elmo = ElmoEmbedder(bilm, n_outputs, layer_norm, elmo_dropout) if bilm is not None else None
+        if elmo_at not in ("input", "output", "both"):
+            raise ValueError(f"elmo_at must be input, output or both, not {elmo_at!r}")
+        # Paper section 3.3: ELMo at the task RNN's input, [ELMo_k; x_k], and/or at its output, [h_k; ELMo_k],
+        # each place with its own scalar mix ("another set of output specific linear weights").
+        self.elmo_at = elmo_at if bilm is not None else "input"
+        n_mixes = 2 if self.elmo_at == "both" else 1
+        self.elmo = ElmoEmbedder(bilm, n_mixes, layer_norm, elmo_dropout) if bilm is not None else None
         self.embed = None
         if word_vocab and word_dim:
             self.word_index = {w: i for i, w in enumerate(word_vocab)}
             self.embed = nn.Embedding(len(word_vocab), word_dim, padding_idx=PAD_ID)
             self.word_dropout = nn.Dropout(word_dropout)
-        self.output_dim = (self.elmo.output_dim if self.elmo else 0) + (word_dim if self.embed else 0)
+        elmo_dim = self.elmo.output_dim if self.elmo else 0
+        self.output_dim = (elmo_dim if self.elmo_at != "output" else 0) + (word_dim if self.embed else 0)
+        self.elmo_output_dim = elmo_dim if self.elmo_at != "input" else 0   # what joins the RNN's output
+        if not self.output_dim:
+            raise ValueError("ELMo only at the output leaves the task RNN no input: add word embeddings")
         self.cache: LayerCache | None = None
 
     @classmethod
@@ -694,8 +704,8 @@ class TokenFeatures(nn.Module):
             bilm = BiLM(ELMoConfig.from_dict(spec["bilm_config"]))
             if bilm_state is not None:
                 bilm.load_state_dict(bilm_state)
-        return cls(bilm, spec["word_vocab"], spec["word_dim"], layer_norm=spec["layer_norm"],
-                   elmo_dropout=spec["elmo_dropout"], word_dropout=spec["dropout"])
+        return cls(bilm, spec["word_vocab"], spec["word_dim"], spec.get("elmo_at", "input"),
+                   layer_norm=spec["layer_norm"], elmo_dropout=spec["elmo_dropout"], word_dropout=spec["dropout"])
 
     def _layers(self, sentences, device):
         """Frozen biLM layers for a batch: (L+1, B, T+2, 2P) and the mask (B, T+2)."""
@@ -706,20 +716,26 @@ class TokenFeatures(nn.Module):
         layers, mask = self.elmo.layers(batch_to_ids(sentences).to(device))
         return torch.stack(layers), mask
 
-    def forward(self, sentences, output: int = 0):      # token lists -> (B, T, F), (B, T)
+    def forward(self, sentences):
+        """Token lists -> the task RNN's input (B, T, F), the mask (B, T), and the ELMo mix that joins the
+        RNN's output (B, T, 2P), or None when ELMo is at the input only."""
         device = next(self.parameters()).device
         T = max(len(s) for s in sentences)
         mask = length_mask(torch.tensor([len(s) for s in sentences], device=device), T)     # (B, T)
-        parts = []
+        parts, at_output = [], None
         if self.elmo is not None:
             layers, mask_bos_eos = self._layers(sentences, device)              # (L+1, B, T+2, 2P)
-            parts.append(self.elmo.mix(list(layers), mask_bos_eos)[output])     # (B, T, 2P)
+            mixes = self.elmo.mix(list(layers), mask_bos_eos)                   # 1 or 2 x (B, T, 2P)
+            if self.elmo_at != "output":
+                parts.append(mixes[0])
+            if self.elmo_at != "input":
+                at_output = mixes[-1]
         if self.embed is not None:
             unk = self.word_index.get("<unk>", PAD_ID)
             ids = torch.tensor([[self.word_index.get(w, unk) for w in s] + [PAD_ID] * (T - len(s))
                                 for s in sentences], device=device)             # (B, T)
             parts.append(self.word_dropout(self.embed(ids)))                    # (B, T, word_dim)
-        return torch.cat(parts, dim=-1), mask                                   # (B, T, F)
+        return torch.cat(parts, dim=-1), mask, at_output                        # (B, T, F), (B, T), ...
 
     def l2_penalty(self):
         return self.elmo.l2_penalty() if self.elmo is not None else torch.zeros(())

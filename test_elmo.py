@@ -1511,6 +1511,38 @@ def test_downstream_resume_equals_uninterrupted(tiny_lm, task_files, tmp_path):
     assert_resumed_equals_full(tmp_path, 16)
 
 
+@pytest.mark.parametrize("script", ["train_sst", "train_mnli"])
+def test_elmo_at_output_is_a_second_trained_mix_that_reaches_the_logits(tiny_lm, script):
+    """Catches --elmo-at output|both whose output mix is not wired in (trains nothing, changes nothing),
+    shares the input mix's weights, or is sized wrong; and `input` growing a second mix."""
+    import importlib
+    module = importlib.import_module(script)
+    bilm = load_elmo(str(tiny_lm))
+    bilm.head, bilm.config.vocab_size = None, 0
+    spec = {"bilm_config": __import__("dataclasses").asdict(bilm.config), "word_vocab": ["<pad>", "<unk>", "a"],
+            "word_dim": 8, "layer_norm": False, "elmo_dropout": 0.0, "labels": ["a", "b", "c"],
+            "encoder": "bilstm", "hidden": 8, "pooling": "max", "dropout": 0.0, "cross_attention": True}
+
+    def run(model):
+        with torch.no_grad():
+            return model(SENTENCES) if script == "train_sst" else model(SENTENCES[:2], SENTENCES[2:])
+    for elmo_at, n_mixes in (("input", 1), ("output", 1), ("both", 2)):
+        torch.manual_seed(0)
+        model = module.build_model({**spec, "elmo_at": elmo_at}, bilm.state_dict()).eval()
+        mixes = model.features.elmo.mixes
+        assert len(mixes) == n_mixes
+        before = run(model)
+        out = model(SENTENCES) if script == "train_sst" else model(SENTENCES[:2], SENTENCES[2:])
+        out.sum().backward()
+        if elmo_at != "input":
+            assert mixes[-1].weights.grad is not None and mixes[-1].weights.grad.abs().sum() > 0
+            with torch.no_grad():
+                mixes[-1].weights.copy_(torch.tensor([5.0, -5.0, 0.0]))
+            assert not torch.allclose(run(model), before, atol=1e-6)      # the output mix reaches the logits
+        if elmo_at == "both":
+            assert mixes[0].weights.grad.abs().sum() > 0 and mixes[0] is not mixes[1]
+
+
 @pytest.mark.parametrize("where", ["memory", "disk"])
 def test_cache_gives_the_same_logits(tiny_lm, tmp_path, where):
     """Catches a layer cache that changes results (wrong sentence, lost boundaries, padding mix-up, rows

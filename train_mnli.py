@@ -58,6 +58,9 @@ def parse_args(argv=None):
     g.add_argument("--pooling", default="max", choices=["max", "mean", "max+mean"])
     g.add_argument("--word-dim", type=int, default=300, help="trainable word embeddings x_k concatenated "
                    "with ELMo as in the paper ([ELMo_k; x_k]), or alone for --elmo none; 0 = ELMo only")
+    g.add_argument("--elmo-at", default="input", choices=["input", "output", "both"], help="where ELMo enters "
+                   "the task model (paper 3.3, Table 3): the task BiLSTM's input, its output, or both, each "
+                   "with its own scalar mix (paper: input for SST; both helped SNLI and SQuAD)")
     g.add_argument("--elmo-dropout", type=float, default=0.5, help="dropout on the ELMo mix (AllenNLP: 0.5)")
     g.add_argument("--dropout", type=float, default=0.2, help="dropout before the MLP")
     g.add_argument("--layer-norm", action="store_true", help="layer-normalise biLM layers before mixing")
@@ -177,7 +180,7 @@ class PairClassifier(nn.Module):
         self.features = features
         self.encoder = BiLstmEncoder(features.output_dim, hidden, encoder)
         self.pooling = pooling
-        width = self.encoder.output_dim
+        width = self.encoder.output_dim + features.elmo_output_dim
         if cross_attention:   # ESIM: enhance each token with its soft-aligned counterpart, then compose
             self.project = nn.Sequential(nn.Linear(4 * width, hidden), nn.ReLU())
             self.compose = BiLstmEncoder(hidden, hidden, "bilstm")
@@ -188,8 +191,10 @@ class PairClassifier(nn.Module):
                                  nn.Linear(hidden, n_classes))
 
     def forward(self, premises, hypotheses):            # B + B token lists -> (B, classes)
-        x, mask = self.features(premises + hypotheses)  # one batch for both: (2B, T, F)
+        x, mask, elmo_out = self.features(premises + hypotheses)   # one batch for both: (2B, T, F), ...
         h = self.encoder(x, mask)                       # (2B, T, 2H)
+        if elmo_out is not None:                        # --elmo-at output|both: [h_k; ELMo_k] (paper 3.3)
+            h = torch.cat([h, elmo_out], dim=-1)
         B = len(premises)
         (a, b), (ma, mb) = h.split(B), mask.split(B)    # (B, T, 2H) each
         if self.cross_attention:
@@ -311,13 +316,15 @@ def main(argv=None):
         bilm, described = frozen_bilm(args.elmo, args.preset, args.seed, args.elmo_options)
         if bilm is None and not args.word_dim:
             raise UserError("--elmo none needs --word-dim > 0 (there would be no features at all)")
+        if args.elmo_at == "output" and not args.word_dim:
+            raise UserError("--elmo-at output needs --word-dim > 0 (the task BiLSTM's input would be empty)")
         word_vocab = None
         if args.word_dim or bilm is None:
             word_vocab = data.build_vocab([p + h for p, h, _, _ in train], max_size=10 ** 9)
         spec = {"task": "mnli", "labels": labels, "cross_attention": args.cross_attention, "bilm_config": asdict(bilm.config) if bilm else None,
                 "word_vocab": word_vocab, "word_dim": args.word_dim, "layer_norm": args.layer_norm,
-                "elmo_dropout": args.elmo_dropout, "encoder": args.encoder, "hidden": args.hidden,
-                "pooling": args.pooling, "dropout": args.dropout, "elmo": described}
+                "elmo_dropout": args.elmo_dropout, "elmo_at": args.elmo_at, "encoder": args.encoder,
+                "hidden": args.hidden, "pooling": args.pooling, "dropout": args.dropout, "elmo": described}
         bilm_state = bilm.state_dict() if bilm else None
     torch.manual_seed(args.seed)
     model = build_model(spec, bilm_state).to(device)
