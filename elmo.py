@@ -947,8 +947,9 @@ def read_options(path: str) -> ELMoConfig:
                         f"supported (bilm-tf's token-input models keep their embeddings in another file)")
     cnn, lstm = options["char_cnn"], options.get("lstm", {})
     if cnn.get("activation", "relu") != "relu" or cnn.get("max_characters_per_token", MAX_CHARS) != MAX_CHARS:
-        raise UserError(f"options file {path}: only relu character CNNs with {MAX_CHARS} characters per token "
-                        f"are supported (found {cnn.get('activation')!r}, {cnn.get('max_characters_per_token')})")
+        raise UserError(f"options file {path}: only relu character CNNs with {MAX_CHARS} characters per "
+                        f"token are supported (found {cnn.get('activation')!r}, "
+                        f"{cnn.get('max_characters_per_token')})")
     try:
         return ELMoConfig(
             token_encoder="char", n_characters=262, char_embed_dim=int(need("char_cnn", "embedding")["dim"]),
@@ -1255,13 +1256,15 @@ class Progress:
         if now - self.last >= self.every or self.done >= self.total:
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
-            print(f"{self.what}: {self.done:,}/{self.total:,} {self.unit} ({100 * self.done / max(self.total, 1):.0f}%)"
+            share = 100 * self.done / max(self.total, 1)
+            print(f"{self.what}: {self.done:,}/{self.total:,} {self.unit} ({share:.0f}%)"
                   f" | {rate:,.0f} {self.unit}/s | ETA {fmt_time((self.total - self.done) / max(rate, 1e-9))}",
                   file=sys.stderr, flush=True)
 
 
 def embed_file(bilm: BiLM, input_path: str, output: str, layers: str = "all", batch_size: int = 64,
-               tokenizer: str = "whitespace", encoding: str = "utf-8", job: dict | None = None, log=print) -> int:
+               tokenizer: str = "whitespace", encoding: str = "utf-8", job: dict | None = None,
+               log=print) -> int:
     """ELMo vectors of every line of a text file -> HDF5, in the layout of AllenNLP's `allennlp elmo`
     command, so code that read those files reads these: one float32 dataset per line, named by the line's
     index ("0", "1", ...), shape (L+1, n, 2P) for layers="all", (n, 2P) for "top" (the last layer) and
@@ -1352,8 +1355,8 @@ def nearest_occurrences(bilm: BiLM, sentences: list, word: str, layer: int = -1,
 
 
 def _cli(argv=None):
-    """`python elmo.py SUBCOMMAND`: one parser; each subcommand's --help shows an example."""
-    import sys
+    """`python elmo.py SUBCOMMAND`: one parser; each subcommand's --help shows an example; each runs as a
+    function of its own below."""
     p = ArgumentParser(__doc__)
     sub = p.add_subparsers(dest="command", metavar="{convert,export,embed,neighbors}")
 
@@ -1406,39 +1409,58 @@ def _cli(argv=None):
     if args.command is None:
         p.print_help()
         return
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)   # noqa: E731  (stdout is for results)
+    {"convert": convert_command, "export": export_command, "embed": embed_command,
+     "neighbors": neighbors_command}[args.command](args)
 
-    if args.command == "convert":
-        ckpt = convert_official(args.options, args.weights)
-        atomic_save(ckpt, args.out)
-        c = ckpt["config"]
-        print(f"wrote {args.out}: biLM {c['n_layers']}x{c['lstm_dim']}_{c['projection_dim']}, clip "
-              f"{c['cell_clip'] or 'off'}/{c['proj_clip'] or 'off'}; use it as --elmo {args.out}")
-        return
-    if args.command == "export":
-        paths = export_official(load_elmo(args.elmo), args.out_dir)
-        print(f"wrote {paths[0]} and {paths[1]} (published layout; no LM softmax)")
-        return
+
+def log_stderr(msg):
+    """The commands' progress and notes go to stderr; stdout is for results."""
+    import sys
+    print(msg, file=sys.stderr, flush=True)
+
+
+def convert_command(args):
+    ckpt = convert_official(args.options, args.weights)
+    atomic_save(ckpt, args.out)
+    c = ckpt["config"]
+    print(f"wrote {args.out}: biLM {c['n_layers']}x{c['lstm_dim']}_{c['projection_dim']}, clip "
+          f"{c['cell_clip'] or 'off'}/{c['proj_clip'] or 'off'}; use it as --elmo {args.out}")
+
+
+def export_command(args):
+    paths = export_official(load_elmo(args.elmo), args.out_dir)
+    print(f"wrote {paths[0]} and {paths[1]} (published layout; no LM softmax)")
+
+
+def frozen_for_tools(args) -> BiLM:
+    """The biLM of `embed` and `neighbors`: frozen, on --device, remembering tokens across batches."""
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     bilm = load_elmo(args.elmo, pick_device(args.device), impl=args.lstm, options=args.elmo_options)
     if bilm.config.token_encoder == "char":
         bilm.token_encoder.remember_tokens()
-    if args.command == "embed":
-        if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-            raise UserError(f"--output folder does not exist: {os.path.dirname(os.path.abspath(args.output))}")
-        from data import check_file
-        stat = os.stat(check_file(args.input, "--input"))
-        job = {"input": [os.path.abspath(args.input), stat.st_size, stat.st_mtime_ns],
-               "elmo": os.path.abspath(args.elmo), "layers": args.layers, "tokenizer": args.tokenizer,
-               "lstm": bilm.lstm_impl}
-        start = time.time()
-        n = embed_file(bilm, args.input, args.output, args.layers, args.batch_size, args.tokenizer,
-                       args.encoding, job, log)
-        print(f"wrote {args.output}: {n:,} lines, layers {args.layers}, in {fmt_time(time.time() - start)}")
-        return
-    # neighbors
+    return bilm
+
+
+def embed_command(args):
+    from data import check_file
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):
+        raise UserError(f"--output folder does not exist: {folder}")
+    stat = os.stat(check_file(args.input, "--input"))
+    bilm = frozen_for_tools(args)
+    job = {"input": [os.path.abspath(args.input), stat.st_size, stat.st_mtime_ns],
+           "elmo": os.path.abspath(args.elmo), "layers": args.layers, "tokenizer": args.tokenizer,
+           "lstm": args.lstm}
+    start = time.time()
+    n = embed_file(bilm, args.input, args.output, args.layers, args.batch_size, args.tokenizer, args.encoding,
+                   job, log_stderr)
+    print(f"wrote {args.output}: {n:,} lines, layers {args.layers}, in {fmt_time(time.time() - start)}")
+
+
+def neighbors_command(args):
     from data import read_lines, tokenize
+    bilm = frozen_for_tools(args)
     lines = [text for _, text in read_lines(args.sentences)]
     lines = lines[:args.max_lines] if args.max_lines > 0 else lines
     sentences = [tokenize(text, args.tokenizer) for text in lines]
@@ -1454,11 +1476,13 @@ def _cli(argv=None):
     def context(s, t, width=8):
         tokens = sentences[s]
         left, right = " ".join(tokens[max(0, t - width):t]), " ".join(tokens[t + 1:t + 1 + width])
-        return f"{'... ' if t > width else ''}{left} [{tokens[t]}] {right}{' ...' if t + 1 + width < len(tokens) else ''}"
+        more_left, more_right = t > width, t + 1 + width < len(tokens)
+        return f"{'... ' if more_left else ''}{left} [{tokens[t]}] {right}{' ...' if more_right else ''}"
 
     vocabulary = [w for tokens in sentences for w in tokens][:2_000_000]
     close = ", ".join(f"{w} {c:.2f}" for w, c in nearest_words(bilm, args.word, vocabulary, 8))
-    print(f"'{args.word}': {len(occurrences):,} occurrences in {len({s for s, _ in occurrences}):,} sentences of "
+    n_sentences = len({s for s, _ in occurrences})
+    print(f"'{args.word}': {len(occurrences):,} occurrences in {n_sentences:,} sentences of "
           f"{args.sentences}; layer {layer} of {bilm.config.n_layers}, cosine\n")
     print(f"layer 0 has one vector for every '{args.word}', whatever the context; its nearest other words:\n"
           f"    {close}\n")

@@ -342,16 +342,7 @@ def bad_published_files(d):
 def test_bad_published_files_are_one_line_exit_2_and_write_nothing(tmp_path):
     """Catches a traceback (JSONDecodeError, h5py's KeyError or OSError, an IndexError deep in the
     conversion) where a user needs one line naming the file and what is wrong, and outputs left behind."""
-    failures = []
-    for name, argv, needles in bad_published_files(tmp_path):
-        before = set(os.listdir(tmp_path))
-        r = run_script(*argv, env={"HF_HUB_OFFLINE": "1"}, timeout=120)
-        try:
-            assert_user_error(r, *needles)
-            assert set(os.listdir(tmp_path)) == before, "an output file was left behind"
-        except AssertionError as e:
-            failures.append(f"{name}: {e}")
-    assert not failures, "\n".join(failures)
+    assert_every_row_is_a_user_error(bad_published_files(tmp_path), tmp_path)
 
 
 def test_ptb_tokenizer_cuts_raw_text_the_way_sst_is_cut():
@@ -1022,6 +1013,21 @@ def assert_user_error(r, *needles):
         assert needle in lines[0], (needle, lines[0])
 
 
+def assert_every_row_is_a_user_error(rows, directory):
+    """Run every (name, argv, words the message must contain) row as a user would: each must end in one
+    line and exit status 2, and leave `directory` as it was. All rows run; the failures are listed."""
+    failures = []
+    for name, argv, needles in rows:
+        before = set(os.listdir(directory))
+        r = run_script(*argv, env={"HF_HUB_OFFLINE": "1"}, timeout=120)
+        try:
+            assert_user_error(r, *needles)
+            assert set(os.listdir(directory)) == before, "an output file was left behind"
+        except AssertionError as e:
+            failures.append(f"{name}: {e}")
+    assert not failures, "\n".join(failures)
+
+
 def bad_inputs(d, tiny_lm):
     """(name, how to make the bad input, argv, words the message must contain) for every script."""
     d.joinpath("empty.txt").write_text("\n\n  \n")
@@ -1092,20 +1098,9 @@ def bad_inputs(d, tiny_lm):
 def test_user_errors_are_one_line_exit_2_and_write_nothing(tmp_path, tiny_lm):
     """Catches tracebacks, wrong exit codes, silent acceptance of bad input and half-written outputs,
     for every bad input of the table (run as subprocesses, as a user would)."""
-    if not torch.cuda.is_available():
-        pass  # the "cuda without cuda" row is meaningful on this machine
-    failures = []
-    for name, argv, needles in bad_inputs(tmp_path, tiny_lm):
-        if name == "cuda without cuda" and torch.cuda.is_available():
-            continue
-        before = set(os.listdir(tmp_path))
-        r = run_script(*argv, env={"HF_HUB_OFFLINE": "1"}, timeout=120)
-        try:
-            assert_user_error(r, *needles)
-            assert set(os.listdir(tmp_path)) == before, "an output file was left behind"
-        except AssertionError as e:
-            failures.append(f"{name}: {e}")
-    assert not failures, "\n".join(failures)
+    rows = [row for row in bad_inputs(tmp_path, tiny_lm)
+            if not (row[0] == "cuda without cuda" and torch.cuda.is_available())]
+    assert_every_row_is_a_user_error(rows, tmp_path)
 
 
 @pytest.mark.slow
