@@ -1538,6 +1538,32 @@ def test_elmo_at_output_is_a_second_trained_mix_that_reaches_the_logits(tiny_lm,
             assert mixes[0].weights.grad.abs().sum() > 0 and mixes[0] is not mixes[1]
 
 
+@pytest.mark.parametrize("elmo_at", ["input", "both"])
+def test_bcn_logits_do_not_depend_on_padding_and_every_stage_trains(tiny_lm, elmo_at):
+    """Catches padding leaking into the biattentive classifier (attention over padded keys, min/max/mean or
+    self-attentive pooling over padding, an unpacked BiLSTM): a sentence's logits are the same alone and in
+    a padded batch; and a stage that is built but not wired in (no gradient reaches it)."""
+    import train_sst
+    bilm = load_elmo(str(tiny_lm))
+    bilm.head, bilm.config.vocab_size = None, 0
+    spec = {"bilm_config": __import__("dataclasses").asdict(bilm.config), "word_vocab": ["<pad>", "<unk>", "a"],
+            "word_dim": 8, "layer_norm": False, "elmo_dropout": 0.0, "labels": list("01234"), "encoder": "bcn",
+            "hidden": 6, "pooling": "max", "dropout": 0.0, "elmo_at": elmo_at}
+    torch.manual_seed(0)
+    model = train_sst.build_model(spec, bilm.state_dict()).eval()
+    with torch.no_grad():
+        batch = model(SENTENCES)                                        # (4, 5), padded to 11 tokens
+        alone = torch.cat([model([s]) for s in SENTENCES])
+    assert batch.shape == (len(SENTENCES), 5)
+    assert torch.allclose(batch, alone, atol=1e-5), (batch - alone).abs().max()
+    model.train()
+    model(SENTENCES).logsumexp(-1).sum().backward()
+    for name in ("pre_encode.0.weight", "encoder.lstm.weight_ih_l0", "integrator.lstm.weight_ih_l0",
+                 "attend.weight", "output.0.linear.weight", "output.2.linear.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
 @pytest.mark.parametrize("where", ["memory", "disk"])
 def test_cache_gives_the_same_logits(tiny_lm, tmp_path, where):
     """Catches a layer cache that changes results (wrong sentence, lost boundaries, padding mix-up, rows

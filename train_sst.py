@@ -52,8 +52,9 @@ def parse_args(argv=None):
     g.add_argument("--elmo-options", help="options JSON of a published weight file (default: X_options.json, "
                    "else options.json, beside X_weights.hdf5)")
     g.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="architecture for --elmo random")
-    g.add_argument("--encoder", default="bilstm", choices=["bilstm", "mean"], help="'mean': the notebook's "
-                   "mean-pooled features -> MLP, no LSTM")
+    g.add_argument("--encoder", default="bilstm", choices=["bilstm", "mean", "bcn"], help="'mean': the "
+                   "notebook's mean-pooled features -> MLP, no LSTM; 'bcn': the biattentive classification "
+                   "network (McCann et al., 2017), the paper's SST-5 model (--hidden 300 as AllenNLP's)")
     g.add_argument("--hidden", type=int, default=256, help="BiLSTM size per direction and MLP width")
     g.add_argument("--pooling", default="max", choices=["max", "mean", "max+mean"])
     g.add_argument("--word-dim", type=int, default=300, help="trainable word embeddings x_k concatenated "
@@ -212,9 +213,62 @@ class SentenceClassifier(nn.Module):
         return self.mlp(pool(h, mask, self.pooling))
 
 
+class Maxout(nn.Module):
+    """A maxout layer (Goodfellow et al., 2013): `pieces` linear maps, the largest one wins, per output unit."""
+
+    def __init__(self, input_dim: int, output_dim: int, pieces: int, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(input_dim, output_dim * pieces)
+        self.output_dim, self.pieces = output_dim, pieces
+
+    def forward(self, x):                               # (B, in) -> (B, out)
+        return self.linear(self.dropout(x)).view(-1, self.output_dim, self.pieces).max(dim=-1).values
+
+
+class BCN(nn.Module):
+    """The biattentive classification network (McCann et al., 2017, section 5), which the ELMo paper used for
+    SST-5, with the sizes of AllenNLP's SST-5 ELMo configuration where they fit (H = --hidden, 300 there):
+    features -> ReLU layer (H) -> BiLSTM encoder X (B, T, 2H) -> self-biattention: each token attends over
+    the sentence's tokens, C = softmax(X X^T) X -> integrator BiLSTM over [X; X - C; X * C] -> (ELMo here
+    with --elmo-at output|both) -> max, min, mean and self-attentive pooling -> three maxout layers."""
+
+    def __init__(self, features: TokenFeatures, n_classes: int, hidden=300, dropout=0.2):
+        super().__init__()
+        self.features = features
+        self.feature_dropout = nn.Dropout(0.5)                                  # AllenNLP: embedding_dropout
+        self.pre_encode = nn.Sequential(nn.Linear(features.output_dim, hidden), nn.ReLU(), nn.Dropout(0.25))
+        self.encoder = BiLstmEncoder(hidden, hidden)
+        self.integrator = BiLstmEncoder(3 * self.encoder.output_dim, hidden)
+        self.integrator_dropout = nn.Dropout(0.1)
+        width = self.integrator.output_dim + features.elmo_output_dim
+        self.attend = nn.Linear(width, 1)                                       # self-attentive pooling
+        # AllenNLP: output dims [1200, 600, classes] for H = 300, pool size 4, dropout [0.2, 0.3, 0.0]
+        self.output = nn.Sequential(Maxout(4 * width, 4 * hidden, 4, dropout),
+                                    Maxout(4 * hidden, 2 * hidden, 4, 0.3), Maxout(2 * hidden, n_classes, 4, 0.0))
+
+    def forward(self, sentences):                       # B token lists -> (B, classes)
+        x, mask, elmo_out = self.features(sentences)    # (B, T, F), (B, T), (B, T, 2P) or None
+        X = self.encoder(self.pre_encode(self.feature_dropout(x)), mask)       # (B, T, 2H)
+        keys = mask.unsqueeze(1)                                                # (B, 1, T): real tokens only
+        attention = torch.softmax((X @ X.transpose(1, 2)).masked_fill(~keys, float("-inf")), dim=-1)
+        C = attention @ X                                                       # (B, T, T) @ (B, T, 2H)
+        h = self.integrator(torch.cat([X, X - C, X * C], dim=-1), mask)        # (B, T, 6H) -> (B, T, 2H)
+        if elmo_out is not None:
+            h = torch.cat([h, elmo_out], dim=-1)
+        h = self.integrator_dropout(h)
+        m = mask.unsqueeze(-1)
+        weights = torch.softmax(self.attend(h).squeeze(-1).masked_fill(~mask, float("-inf")), dim=-1)
+        pooled = torch.cat([pool(h, mask, "max"), -pool(-h, mask, "max"), pool(h, mask, "mean"),
+                            (weights.unsqueeze(-1) * h * m).sum(1)], dim=-1)   # max, min, mean, attentive
+        return self.output(pooled)                                             # (B, 4W) -> (B, classes)
+
+
 def build_model(spec: dict, bilm_state=None):
     """The classifier from a spec (stored in checkpoints as plain values), with its biLM if any."""
     features = TokenFeatures.from_spec(spec, bilm_state)
+    if spec["encoder"] == "bcn":
+        return BCN(features, len(spec["labels"]), spec["hidden"], spec["dropout"])
     return SentenceClassifier(features, len(spec["labels"]), spec["encoder"], spec["hidden"], spec["pooling"],
                               spec["dropout"])
 
