@@ -96,8 +96,10 @@ def parse_args(argv=None):
     g.add_argument("--log-every", type=int, default=100)
     g = p.add_argument_group("checkpoints")
     g.add_argument("--out", default="mnli.pt", help="best checkpoint; the latest goes to <out>.last.pt")
-    g.add_argument("--write-lm-text", metavar="FILE", help="write the training premises and hypotheses (each once) to FILE, one a line, as text for "
-                   "train_lm.py --init-from (paper 3.4: fine-tune the biLM on the task's text), and exit")
+    g.add_argument("--write-lm-text", metavar="FILE",
+                   help="write the training premises and hypotheses (each once) to FILE, one a line, as "
+                   "text for train_lm.py --init-from (paper 3.4: fine-tune the biLM on the task's "
+                   "text), and exit")
     g.add_argument("--resume", action="store_true", help="continue from <out>.last.pt")
     g.add_argument("--eval-only", action="store_true", help="evaluate --ckpt on --test-file and exit")
     g.add_argument("--ckpt", help="classifier checkpoint for --eval-only / --predict")
