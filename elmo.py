@@ -705,7 +705,8 @@ class TokenFeatures(nn.Module):
             if bilm_state is not None:
                 bilm.load_state_dict(bilm_state)
         return cls(bilm, spec["word_vocab"], spec["word_dim"], spec.get("elmo_at", "input"),
-                   layer_norm=spec["layer_norm"], elmo_dropout=spec["elmo_dropout"], word_dropout=spec["dropout"])
+                   layer_norm=spec["layer_norm"], elmo_dropout=spec["elmo_dropout"],
+                   word_dropout=spec.get("word_dropout", spec["dropout"]))      # older checkpoints: one dropout
 
     def _layers(self, sentences, device):
         """Frozen biLM layers for a batch: (L+1, B, T+2, 2P) and the mask (B, T+2)."""

@@ -1538,6 +1538,29 @@ def test_elmo_at_output_is_a_second_trained_mix_that_reaches_the_logits(tiny_lm,
             assert mixes[0].weights.grad.abs().sum() > 0 and mixes[0] is not mixes[1]
 
 
+def test_word_dropout_and_clip_norm_reach_the_model(tmp_path):
+    """Catches flags that are parsed and stored but never applied: --word-dropout sets the dropout on the
+    word embeddings (older checkpoints, without it, keep using --dropout), and --clip-norm bounds the step
+    (with SGD, a 1e-9 gradient norm moves the weights no more than a 1e-12 learning rate does)."""
+    import train_sst
+    (tmp_path / "sst.tsv").write_text("sentence\tlabel\na fine film\t1\nawful\t0\nnot good\t0\n")
+    common = ["--elmo", "none", "--word-dim", "8", "--hidden", "4", "--train-file", str(tmp_path / "sst.tsv"),
+              "--dev-file", str(tmp_path / "sst.tsv"), "--optimizer", "sgd", "--max-steps", "2", "--threads", "1"]
+    weights = {}
+    for name, extra in (("clipped", ["--clip-norm", "1e-9", "--lr", "1.0", "--word-dropout", "0.5"]),
+                        ("free", ["--lr", "1.0"]), ("frozen", ["--lr", "1e-12"])):
+        train_sst.main(common + extra + ["--out", str(tmp_path / f"{name}.pt")])
+        ckpt = torch.load(tmp_path / f"{name}.last.pt", weights_only=True)
+        weights[name] = ckpt["model"]["features.embed.weight"]
+        if name == "clipped":
+            assert ckpt["spec"]["word_dropout"] == 0.5
+            assert train_sst.build_model(ckpt["spec"]).features.word_dropout.p == 0.5
+            old = {k: v for k, v in ckpt["spec"].items() if k != "word_dropout"}
+            assert train_sst.build_model(old).features.word_dropout.p == old["dropout"]
+    assert torch.allclose(weights["clipped"], weights["frozen"], atol=1e-7)
+    assert not torch.allclose(weights["free"], weights["frozen"], atol=1e-4)
+
+
 @pytest.mark.parametrize("elmo_at", ["input", "both"])
 def test_bcn_logits_do_not_depend_on_padding_and_every_stage_trains(tiny_lm, elmo_at):
     """Catches padding leaking into the biattentive classifier (attention over padded keys, min/max/mean or

@@ -64,6 +64,7 @@ def parse_args(argv=None):
                    "with its own scalar mix (paper: input for SST; both helped SNLI and SQuAD)")
     g.add_argument("--elmo-dropout", type=float, default=0.5, help="dropout on the ELMo mix (AllenNLP: 0.5)")
     g.add_argument("--dropout", type=float, default=0.2, help="dropout before the MLP")
+    g.add_argument("--word-dropout", type=float, help="dropout on the word embeddings x_k (default: --dropout)")
     g.add_argument("--layer-norm", action="store_true", help="layer-normalise biLM layers before mixing")
     g.add_argument("--mix-l2", type=float, default=0.0, help="L2 penalty on the mix weights (paper's lambda; "
                    "0.001 in the paper for some tasks)")
@@ -79,6 +80,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--clip-norm", type=float, default=0.0, help="clip the gradient norm to this (0 = off)")
     g.add_argument("--batch-size", type=int, default=32, help="sentences per batch")
     g.add_argument("--epochs", type=int, default=10)
     g.add_argument("--max-steps", type=int, default=0, help="0 = no limit")
@@ -371,7 +373,8 @@ def main(argv=None):
         spec = {"task": args.task, "labels": labels, "bilm_config": asdict(bilm.config) if bilm else None,
                 "word_vocab": word_vocab, "word_dim": args.word_dim, "layer_norm": args.layer_norm,
                 "elmo_dropout": args.elmo_dropout, "elmo_at": args.elmo_at, "encoder": args.encoder,
-                "hidden": args.hidden, "pooling": args.pooling, "dropout": args.dropout, "elmo": described,
+                "hidden": args.hidden, "pooling": args.pooling, "dropout": args.dropout,
+                "word_dropout": args.dropout if args.word_dropout is None else args.word_dropout, "elmo": described,
                 "lowercase": all(w == w.lower() for tokens, _ in train for w in tokens)}   # SST-2 is
         bilm_state = bilm.state_dict() if bilm else None
     torch.manual_seed(args.seed)
@@ -448,6 +451,8 @@ def main(argv=None):
                 abort_nonfinite(f"loss is {loss.item()}", step + 1, last)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if args.clip_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_norm)
             opt.step()
             step, batch_in_epoch = step + 1, batch_in_epoch + 1
             trained_s += time.time() - t_step
