@@ -1384,7 +1384,7 @@ def _cli(argv=None):
     q.add_argument("--weights", required=True, help="the published weights HDF5")
     q.add_argument("--out", required=True, help="checkpoint to write (.pt)")
     q = command("export", "our biLM checkpoint -> DIR/options.json + DIR/weights.hdf5 (the published "
-                "layout: AllenNLP and bilm-tf load it)", "python elmo.py export --elmo lm.pt --out-dir lm_tf")
+                "layout, which AllenNLP and bilm-tf read)", "python elmo.py export --elmo lm.pt --out-dir lm_tf")
     q.add_argument("--elmo", required=True, help="a biLM checkpoint (train_lm.py)")
     q.add_argument("--out-dir", required=True, help="folder for options.json and weights.hdf5")
     q = command("embed", "ELMo vectors of every line of a text file -> HDF5 (AllenNLP's `allennlp elmo` "
