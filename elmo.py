@@ -1251,16 +1251,14 @@ class Progress:
         self.done, self.start, self.last = 0, time.time(), 0.0
 
     def __call__(self, n: int):
-        import sys
         self.done += n
         now = time.time()
         if now - self.last >= self.every or self.done >= self.total:
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
             share = 100 * self.done / max(self.total, 1)
-            print(f"{self.what}: {self.done:,}/{self.total:,} {self.unit} ({share:.0f}%)"
-                  f" | {rate:,.0f} {self.unit}/s | ETA {fmt_time((self.total - self.done) / max(rate, 1e-9))}",
-                  file=sys.stderr, flush=True)
+            log_stderr(f"{self.what}: {self.done:,}/{self.total:,} {self.unit} ({share:.0f}%)"
+                  f" | {rate:,.0f} {self.unit}/s | ETA {fmt_time((self.total - self.done) / max(rate, 1e-9))}")
 
 
 def embed_file(bilm: BiLM, input_path: str, output: str, layers: str = "all", batch_size: int = 64,
