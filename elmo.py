@@ -1258,7 +1258,7 @@ class Progress:
             rate = self.done / max(now - self.start, 1e-9)
             share = 100 * self.done / max(self.total, 1)
             log_stderr(f"{self.what}: {self.done:,}/{self.total:,} {self.unit} ({share:.0f}%)"
-                  f" | {rate:,.0f} {self.unit}/s | ETA {fmt_time((self.total - self.done) / max(rate, 1e-9))}")
+                       f" | {rate:,.0f} {self.unit}/s | ETA {fmt_time((self.total - self.done) / max(rate, 1e-9))}")
 
 
 def embed_file(bilm: BiLM, input_path: str, output: str, layers: str = "all", batch_size: int = 64,
