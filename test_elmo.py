@@ -1587,6 +1587,80 @@ def test_bcn_logits_do_not_depend_on_padding_and_every_stage_trains(tiny_lm, elm
         assert grad is not None and grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("elmo_at", ["input", "both"])
+def test_bcn_computes_what_allennlps_bcn_computes(tiny_lm, elmo_at):
+    """Catches a BCN wired differently from AllenNLP's BiattentiveClassificationNetwork.forward, the
+    reference the paper's SST-5 number came from (X - C and X * C swapped, attention over the wrong axis,
+    min pooling that lets padding win, a mean over padded positions, ELMo joined before the wrong pooling,
+    maxout pieces taken from the wrong axis): the logits equal a transcription of AllenNLP's forward pass
+    (its masked_softmax, replace_masked_values and Maxout written out) with the same weights, in eval mode."""
+    import train_sst
+    bilm = load_elmo(str(tiny_lm))
+    bilm.head, bilm.config.vocab_size = None, 0
+    spec = {"bilm_config": __import__("dataclasses").asdict(bilm.config), "word_vocab": ["<pad>", "<unk>", "a"],
+            "word_dim": 8, "layer_norm": False, "elmo_dropout": 0.0, "labels": list("01234"), "encoder": "bcn",
+            "hidden": 6, "pooling": "max", "dropout": 0.0, "elmo_at": elmo_at}
+    torch.manual_seed(0)
+    model = train_sst.build_model(spec, bilm.state_dict()).eval()
+
+    def masked_softmax(logits, mask):              # allennlp.nn.util.masked_softmax, memory_efficient=False
+        result = torch.softmax(logits * mask, dim=-1) * mask
+        return result / (result.sum(dim=-1, keepdim=True) + 1e-13)
+
+    def maxout(layer, x):                           # allennlp.modules.Maxout, one layer
+        return layer.linear(x).view(*x.shape[:-1], layer.output_dim, layer.pieces).max(dim=-1)[0]
+
+    with torch.no_grad():
+        x, mask, elmo_out = model.features(SENTENCES)
+        encoded = model.encoder(model.pre_encode(x), mask)                     # (B, T, 2H)
+        m = mask.float()
+        attention = masked_softmax(encoded.bmm(encoded.permute(0, 2, 1)), m.unsqueeze(1))
+        text = attention.bmm(encoded)
+        integrated = model.integrator(torch.cat([encoded, encoded - text, encoded * text], 2), mask)
+        if elmo_at == "both":
+            integrated = torch.cat([integrated, elmo_out], dim=-1)
+        big = torch.finfo(integrated.dtype).max
+        max_pool = integrated.masked_fill(~mask.unsqueeze(2), -big).max(1)[0]
+        min_pool = integrated.masked_fill(~mask.unsqueeze(2), big).min(1)[0]
+        mean_pool = integrated.sum(1) / m.sum(1, keepdim=True)              # padding is 0 after the LSTM
+        weights = masked_softmax(model.attend(integrated).squeeze(2), m)
+        attentive_pool = weights.unsqueeze(1).bmm(integrated).squeeze(1)
+        out = torch.cat([max_pool, min_pool, mean_pool, attentive_pool], 1)
+        for layer in model.output:
+            out = maxout(layer, out)
+        ours = model(SENTENCES)
+    assert torch.allclose(ours, out, atol=1e-5), (ours - out).abs().max()
+
+
+def test_bcn_drops_its_token_features_once_as_allennlp_does(tiny_lm):
+    """Catches ELMo dropped twice in BCN (the mix's own dropout 0.5, then BCN's embedding dropout 0.5: a
+    quarter of each ELMo feature kept, at four times its size, which stalled BCN for the first 1,000 steps
+    of an SST-5 run), and BCN's defaults leaking into the BiLSTM classifier's: in training mode, the first
+    layer of BCN sees half of the ELMo and of the word features of real tokens zeroed, not three quarters."""
+    import train_sst
+    bilstm, bcn = train_sst.parse_args([]), train_sst.parse_args(["--encoder", "bcn"])
+    assert (bilstm.elmo_dropout, bilstm.word_dropout, bilstm.clip_norm, bilstm.hidden) == (0.5, 0.2, 0.0, 256)
+    assert (bcn.elmo_dropout, bcn.word_dropout, bcn.clip_norm, bcn.hidden) == (0.0, 0.0, 5.0, 300)
+    assert train_sst.parse_args(["--encoder", "bcn", "--elmo-dropout", "0.3"]).elmo_dropout == 0.3
+    bilm = load_elmo(str(tiny_lm))
+    bilm.head, bilm.config.vocab_size = None, 0
+    spec = {"bilm_config": __import__("dataclasses").asdict(bilm.config), "word_vocab": ["<pad>", "<unk>", "a"],
+            "word_dim": 8, "layer_norm": False, "elmo_dropout": bcn.elmo_dropout, "word_dropout": bcn.word_dropout,
+            "labels": list("01234"), "encoder": "bcn", "hidden": 6, "pooling": "max", "dropout": 0.0}
+    torch.manual_seed(0)
+    model = train_sst.build_model(spec, bilm.state_dict()).train()
+    seen = []
+    model.pre_encode.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach()))
+    mask = torch.tensor([[t < len(s) for t in range(11)] for s in SENTENCES])     # (4, 11) real tokens
+    for _ in range(20):
+        model(SENTENCES)
+    features = torch.stack(seen)[:, mask]                                     # (20, real tokens, F)
+    elmo_dim = model.features.elmo.output_dim
+    for name, part in (("ELMo", features[..., :elmo_dim]), ("words", features[..., elmo_dim:])):
+        zeroed = (part == 0).float().mean().item()
+        assert abs(zeroed - 0.5) < 0.05, (name, zeroed)
+
+
 @pytest.mark.parametrize("where", ["memory", "disk"])
 def test_cache_gives_the_same_logits(tiny_lm, tmp_path, where):
     """Catches a layer cache that changes results (wrong sentence, lost boundaries, padding mix-up, rows

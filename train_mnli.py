@@ -34,7 +34,8 @@ import data
 from data import UserError
 from elmo import (CHECKPOINT_FORMAT, PRESETS, ArgumentParser, BiLstmEncoder, TokenFeatures,
                   abort_nonfinite, all_finite, atomic_save, cache_layers, fmt_time, frozen_bilm, last_path,
-                  load_checkpoint, load_task_state, pick_device, pool, run_main, write_metrics)
+                  load_checkpoint, load_task_state, pick_device, pool, run_main, task_optimizer,
+                  write_metrics)
 
 LABELS = ["entailment", "neutral", "contradiction"]       # GLUE / HF multi_nli order: 0, 1, 2
 HUB = "nyu-mll/multi_nli"
@@ -336,8 +337,7 @@ def main(argv=None):
     trainable = [p for p in model.parameters() if p.requires_grad]
     frozen_before = {k: v.clone() for k, v in model.features.elmo.bilm.state_dict().items()} \
         if model.features.elmo is not None else {}
-    opt = torch.optim.Adam(trainable, lr=args.lr) if args.optimizer == "adam" else \
-        torch.optim.SGD(trainable, lr=args.lr, momentum=0.9)
+    opt = task_optimizer(trainable, args.optimizer, args.lr, device)
     step, epoch, batch_in_epoch, trained_s, best, bad_evals = 0, 0, 0, 0.0, -1.0, 0
     if resume:
         load_task_state(model, resume["model"])

@@ -35,10 +35,17 @@ import data
 from data import UserError
 from elmo import (CHECKPOINT_FORMAT, PRESETS, ArgumentParser, BiLstmEncoder, TokenFeatures,
                   abort_nonfinite, all_finite, atomic_save, cache_layers, fmt_time, frozen_bilm, last_path,
-                  load_checkpoint, load_task_state, pick_device, pool, run_main, write_metrics)
+                  load_checkpoint, load_task_state, pick_device, pool, run_main, task_optimizer,
+                  write_metrics)
 
 LABELS = {"sst2": ["negative", "positive"],
           "sst5": ["very negative", "negative", "neutral", "positive", "very positive"]}
+# Defaults of the flags that depend on --encoder. BCN takes AllenNLP's SST-5 configuration
+# (biattentive_classification_network_elmo.jsonnet): 300 units, the gradient norm clipped at 5, and one
+# dropout on the concatenated token features [ELMo_k; x_k] (BCN's embedding dropout) instead of one on
+# each part, so ELMo is not dropped twice (that configuration sets ELMo's own dropout to 0).
+DEFAULTS = {"hidden": 256, "elmo_dropout": 0.5, "clip_norm": 0.0}          # word_dropout: --dropout
+BCN_DEFAULTS = {"hidden": 300, "elmo_dropout": 0.0, "word_dropout": 0.0, "clip_norm": 5.0}
 HUB = {"sst2": ("stanfordnlp/sst2", None, "sentence", "validation"),
        "sst5": ("SetFit/sst5", None, "text", "validation")}
 
@@ -54,17 +61,20 @@ def parse_args(argv=None):
     g.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="architecture for --elmo random")
     g.add_argument("--encoder", default="bilstm", choices=["bilstm", "mean", "bcn"], help="'mean': the "
                    "notebook's mean-pooled features -> MLP, no LSTM; 'bcn': the biattentive classification "
-                   "network (McCann et al., 2017), the paper's SST-5 model (--hidden 300 as AllenNLP's)")
-    g.add_argument("--hidden", type=int, default=256, help="BiLSTM size per direction and MLP width")
+                   "network (McCann et al., 2017), the paper's SST-5 model, with AllenNLP's defaults (below)")
+    g.add_argument("--hidden", type=int, help="BiLSTM size per direction and MLP width (default 256; "
+                   "--encoder bcn: 300, as AllenNLP's SST-5 configuration)")
     g.add_argument("--pooling", default="max", choices=["max", "mean", "max+mean"])
     g.add_argument("--word-dim", type=int, default=300, help="trainable word embeddings x_k concatenated "
                    "with ELMo as in the paper ([ELMo_k; x_k]), or alone for --elmo none; 0 = ELMo only")
     g.add_argument("--elmo-at", default="input", choices=["input", "output", "both"], help="where ELMo enters "
                    "the task model (paper 3.3, Table 3): the task BiLSTM's input, its output, or both, each "
                    "with its own scalar mix (paper: input for SST; both helped SNLI and SQuAD)")
-    g.add_argument("--elmo-dropout", type=float, default=0.5, help="dropout on the ELMo mix (AllenNLP: 0.5)")
+    g.add_argument("--elmo-dropout", type=float, help="dropout on the ELMo mix (default 0.5, AllenNLP's "
+                   "ELMo default; --encoder bcn: 0, its embedding dropout already drops ELMo)")
     g.add_argument("--dropout", type=float, default=0.2, help="dropout before the MLP")
-    g.add_argument("--word-dropout", type=float, help="dropout on the word embeddings x_k (default: --dropout)")
+    g.add_argument("--word-dropout", type=float, help="dropout on the word embeddings x_k (default: --dropout; "
+                   "--encoder bcn: 0, its embedding dropout already drops them)")
     g.add_argument("--layer-norm", action="store_true", help="layer-normalise biLM layers before mixing")
     g.add_argument("--mix-l2", type=float, default=0.0, help="L2 penalty on the mix weights (paper's lambda; "
                    "0.001 in the paper for some tasks)")
@@ -80,7 +90,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--clip-norm", type=float, default=0.0, help="clip the gradient norm to this (0 = off)")
+    g.add_argument("--clip-norm", type=float, help="clip the gradient norm to this (0 = off; default 0, "
+                   "--encoder bcn: 5 as AllenNLP's SST-5 configuration)")
     g.add_argument("--batch-size", type=int, default=32, help="sentences per batch")
     g.add_argument("--epochs", type=int, default=10)
     g.add_argument("--max-steps", type=int, default=0, help="0 = no limit")
@@ -110,6 +121,10 @@ def parse_args(argv=None):
     g.add_argument("--predict", help="classify this text with --ckpt and print the probabilities")
     g.add_argument("--metrics-json", help="write the last evaluation here as JSON")
     args = p.parse_args(argv)
+    defaults = BCN_DEFAULTS if args.encoder == "bcn" else {**DEFAULTS, "word_dropout": args.dropout}
+    for name, value in defaults.items():               # the flags the user did not give: the encoder's defaults
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for name in ("max_steps", "max_minutes", "epochs", "batch_size", "patience", "eval_every", "threads",
                  "hidden", "max_length"):
         if getattr(args, name) < 0:
@@ -218,54 +233,59 @@ class SentenceClassifier(nn.Module):
 
 
 class Maxout(nn.Module):
-    """A maxout layer (Goodfellow et al., 2013): `pieces` linear maps, the largest one wins, per output unit."""
+    """A maxout layer (Goodfellow et al., 2013): `pieces` linear maps, the largest one wins, per output unit;
+    dropout on what it outputs, as AllenNLP's Maxout applies its per-layer dropout."""
 
     def __init__(self, input_dim: int, output_dim: int, pieces: int, dropout: float):
         super().__init__()
-        self.dropout = nn.Dropout(dropout)
         self.linear = nn.Linear(input_dim, output_dim * pieces)
+        self.dropout = nn.Dropout(dropout)
         self.output_dim, self.pieces = output_dim, pieces
 
-    def forward(self, x):                               # (B, in) -> (B, out)
-        return self.linear(self.dropout(x)).view(-1, self.output_dim, self.pieces).max(dim=-1).values
+    def forward(self, x):                               # (B, in) -> (B, out * pieces) -> (B, out)
+        return self.dropout(self.linear(x).view(-1, self.output_dim, self.pieces).max(dim=-1).values)
 
 
 class BCN(nn.Module):
     """The biattentive classification network (McCann et al., 2017, section 5), which the ELMo paper used for
-    SST-5, with the sizes of AllenNLP's SST-5 ELMo configuration where they fit (H = --hidden, 300 there):
+    SST-5, with the sizes and dropouts of AllenNLP's SST-5 ELMo configuration (H = --hidden, 300 there):
     features -> ReLU layer (H) -> BiLSTM encoder X (B, T, 2H) -> self-biattention: each token attends over
     the sentence's tokens, C = softmax(X X^T) X -> integrator BiLSTM over [X; X - C; X * C] -> (ELMo here
-    with --elmo-at output|both) -> max, min, mean and self-attentive pooling -> three maxout layers."""
+    with --elmo-at output|both) -> max, min, mean and self-attentive pooling -> three maxout layers.
+
+    Dropout sits where AllenNLP puts it: once on the token features (`embedding_dropout`: 0.5 with ELMo,
+    0.25 without, as its two SST-5 configurations; so TokenFeatures' own dropouts are 0 for BCN), inside the
+    ReLU layer (0.25), on the pooled vector (`integrator_dropout`, 0.1) and after each maxout layer
+    (--dropout, default 0.2, then 0.3 and 0)."""
 
     def __init__(self, features: TokenFeatures, n_classes: int, hidden=300, dropout=0.2):
         super().__init__()
         self.features = features
-        self.feature_dropout = nn.Dropout(0.5)                                  # AllenNLP: embedding_dropout
+        self.embedding_dropout = nn.Dropout(0.5 if features.elmo is not None else 0.25)
         self.pre_encode = nn.Sequential(nn.Linear(features.output_dim, hidden), nn.ReLU(), nn.Dropout(0.25))
         self.encoder = BiLstmEncoder(hidden, hidden)
         self.integrator = BiLstmEncoder(3 * self.encoder.output_dim, hidden)
-        self.integrator_dropout = nn.Dropout(0.1)
         width = self.integrator.output_dim + features.elmo_output_dim
         self.attend = nn.Linear(width, 1)                                       # self-attentive pooling
+        self.integrator_dropout = nn.Dropout(0.1)
         # AllenNLP: output dims [1200, 600, classes] for H = 300, pool size 4, dropout [0.2, 0.3, 0.0]
         self.output = nn.Sequential(Maxout(4 * width, 4 * hidden, 4, dropout),
                                     Maxout(4 * hidden, 2 * hidden, 4, 0.3), Maxout(2 * hidden, n_classes, 4, 0.0))
 
     def forward(self, sentences):                       # B token lists -> (B, classes)
         x, mask, elmo_out = self.features(sentences)    # (B, T, F), (B, T), (B, T, 2P) or None
-        X = self.encoder(self.pre_encode(self.feature_dropout(x)), mask)       # (B, T, 2H)
+        X = self.encoder(self.pre_encode(self.embedding_dropout(x)), mask)     # (B, T, 2H)
         keys = mask.unsqueeze(1)                                                # (B, 1, T): real tokens only
         attention = torch.softmax((X @ X.transpose(1, 2)).masked_fill(~keys, float("-inf")), dim=-1)
         C = attention @ X                                                       # (B, T, T) @ (B, T, 2H)
         h = self.integrator(torch.cat([X, X - C, X * C], dim=-1), mask)        # (B, T, 6H) -> (B, T, 2H)
         if elmo_out is not None:
-            h = torch.cat([h, elmo_out], dim=-1)
-        h = self.integrator_dropout(h)
+            h = torch.cat([h, elmo_out], dim=-1)                                # (B, T, W)
         m = mask.unsqueeze(-1)
         weights = torch.softmax(self.attend(h).squeeze(-1).masked_fill(~mask, float("-inf")), dim=-1)
         pooled = torch.cat([pool(h, mask, "max"), -pool(-h, mask, "max"), pool(h, mask, "mean"),
                             (weights.unsqueeze(-1) * h * m).sum(1)], dim=-1)   # max, min, mean, attentive
-        return self.output(pooled)                                             # (B, 4W) -> (B, classes)
+        return self.output(self.integrator_dropout(pooled))                    # (B, 4W) -> (B, classes)
 
 
 def build_model(spec: dict, bilm_state=None):
@@ -374,7 +394,7 @@ def main(argv=None):
                 "word_vocab": word_vocab, "word_dim": args.word_dim, "layer_norm": args.layer_norm,
                 "elmo_dropout": args.elmo_dropout, "elmo_at": args.elmo_at, "encoder": args.encoder,
                 "hidden": args.hidden, "pooling": args.pooling, "dropout": args.dropout,
-                "word_dropout": args.dropout if args.word_dropout is None else args.word_dropout, "elmo": described,
+                "word_dropout": args.word_dropout, "elmo": described,
                 "lowercase": all(w == w.lower() for tokens, _ in train for w in tokens)}   # SST-2 is
         bilm_state = bilm.state_dict() if bilm else None
     torch.manual_seed(args.seed)
@@ -382,8 +402,7 @@ def main(argv=None):
     trainable = [p for p in model.parameters() if p.requires_grad]
     frozen_before = {k: v.clone() for k, v in model.features.elmo.bilm.state_dict().items()} \
         if model.features.elmo is not None else {}
-    opt = torch.optim.Adam(trainable, lr=args.lr) if args.optimizer == "adam" else \
-        torch.optim.SGD(trainable, lr=args.lr, momentum=0.9)
+    opt = task_optimizer(trainable, args.optimizer, args.lr, device)
     step, epoch, batch_in_epoch, trained_s, best, bad_evals = 0, 0, 0, 0.0, -1.0, 0
     if resume:
         load_task_state(model, resume["model"])
