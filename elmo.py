@@ -1152,9 +1152,10 @@ def pick_device(name: str) -> torch.device:
 
 def task_optimizer(params, name: str, lr: float, device: torch.device) -> torch.optim.Optimizer:
     """The downstream scripts' optimizer: Adam, or SGD with momentum 0.9. Adam runs fused (one pass over
-    each parameter instead of a dozen elementwise ops) on CPU and CUDA: on this project's CPU, PyTorch's
-    default loop cost 7x as much over BCN's 26M parameters (489 against 67 ms a step, 1 thread), more than
-    BCN's own forward pass. The same update; it differs from the loop in the last bits only."""
+    each parameter instead of a dozen elementwise ops) on CPU and CUDA: on this project's CPU PyTorch's
+    default loop took 7x as long over BCN's 26M parameters (489 against 67 ms, 1 thread), and the fused
+    step makes a whole SST-2 BiLSTM training step 1.5x faster (README). The same update, up to the last
+    bits."""
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
     return torch.optim.Adam(params, lr=lr, fused=device.type in ("cpu", "cuda") or None)

@@ -1561,19 +1561,24 @@ def test_word_dropout_and_clip_norm_reach_the_model(tmp_path):
     assert not torch.allclose(weights["free"], weights["frozen"], atol=1e-4)
 
 
+def tiny_bcn(tiny_lm, **spec):
+    """A BCN (train_sst.build_model) over the tiny biLM and an 8-d word embedding, no dropout unless asked."""
+    import train_sst
+    bilm = load_elmo(str(tiny_lm))
+    bilm.head, bilm.config.vocab_size = None, 0
+    spec = {"bilm_config": __import__("dataclasses").asdict(bilm.config), "word_vocab": ["<pad>", "<unk>", "a"],
+            "word_dim": 8, "layer_norm": False, "elmo_dropout": 0.0, "word_dropout": 0.0, "labels": list("01234"),
+            "encoder": "bcn", "hidden": 6, "pooling": "max", "dropout": 0.0, **spec}
+    torch.manual_seed(0)
+    return train_sst.build_model(spec, bilm.state_dict())
+
+
 @pytest.mark.parametrize("elmo_at", ["input", "both"])
 def test_bcn_logits_do_not_depend_on_padding_and_every_stage_trains(tiny_lm, elmo_at):
     """Catches padding leaking into the biattentive classifier (attention over padded keys, min/max/mean or
     self-attentive pooling over padding, an unpacked BiLSTM): a sentence's logits are the same alone and in
     a padded batch; and a stage that is built but not wired in (no gradient reaches it)."""
-    import train_sst
-    bilm = load_elmo(str(tiny_lm))
-    bilm.head, bilm.config.vocab_size = None, 0
-    spec = {"bilm_config": __import__("dataclasses").asdict(bilm.config), "word_vocab": ["<pad>", "<unk>", "a"],
-            "word_dim": 8, "layer_norm": False, "elmo_dropout": 0.0, "labels": list("01234"), "encoder": "bcn",
-            "hidden": 6, "pooling": "max", "dropout": 0.0, "elmo_at": elmo_at}
-    torch.manual_seed(0)
-    model = train_sst.build_model(spec, bilm.state_dict()).eval()
+    model = tiny_bcn(tiny_lm, elmo_at=elmo_at).eval()
     with torch.no_grad():
         batch = model(SENTENCES)                                        # (4, 5), padded to 11 tokens
         alone = torch.cat([model([s]) for s in SENTENCES])
@@ -1594,14 +1599,7 @@ def test_bcn_computes_what_allennlps_bcn_computes(tiny_lm, elmo_at):
     min pooling that lets padding win, a mean over padded positions, ELMo joined before the wrong pooling,
     maxout pieces taken from the wrong axis): the logits equal a transcription of AllenNLP's forward pass
     (its masked_softmax, replace_masked_values and Maxout written out) with the same weights, in eval mode."""
-    import train_sst
-    bilm = load_elmo(str(tiny_lm))
-    bilm.head, bilm.config.vocab_size = None, 0
-    spec = {"bilm_config": __import__("dataclasses").asdict(bilm.config), "word_vocab": ["<pad>", "<unk>", "a"],
-            "word_dim": 8, "layer_norm": False, "elmo_dropout": 0.0, "labels": list("01234"), "encoder": "bcn",
-            "hidden": 6, "pooling": "max", "dropout": 0.0, "elmo_at": elmo_at}
-    torch.manual_seed(0)
-    model = train_sst.build_model(spec, bilm.state_dict()).eval()
+    model = tiny_bcn(tiny_lm, elmo_at=elmo_at).eval()
 
     def masked_softmax(logits, mask):              # allennlp.nn.util.masked_softmax, memory_efficient=False
         result = torch.softmax(logits * mask, dim=-1) * mask
@@ -1642,13 +1640,7 @@ def test_bcn_drops_its_token_features_once_as_allennlp_does(tiny_lm):
     assert (bilstm.elmo_dropout, bilstm.word_dropout, bilstm.clip_norm, bilstm.hidden) == (0.5, 0.2, 0.0, 256)
     assert (bcn.elmo_dropout, bcn.word_dropout, bcn.clip_norm, bcn.hidden) == (0.0, 0.0, 5.0, 300)
     assert train_sst.parse_args(["--encoder", "bcn", "--elmo-dropout", "0.3"]).elmo_dropout == 0.3
-    bilm = load_elmo(str(tiny_lm))
-    bilm.head, bilm.config.vocab_size = None, 0
-    spec = {"bilm_config": __import__("dataclasses").asdict(bilm.config), "word_vocab": ["<pad>", "<unk>", "a"],
-            "word_dim": 8, "layer_norm": False, "elmo_dropout": bcn.elmo_dropout, "word_dropout": bcn.word_dropout,
-            "labels": list("01234"), "encoder": "bcn", "hidden": 6, "pooling": "max", "dropout": 0.0}
-    torch.manual_seed(0)
-    model = train_sst.build_model(spec, bilm.state_dict()).train()
+    model = tiny_bcn(tiny_lm, elmo_dropout=bcn.elmo_dropout, word_dropout=bcn.word_dropout).train()
     seen = []
     model.pre_encode.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach()))
     mask = torch.tensor([[t < len(s) for t in range(11)] for s in SENTENCES])     # (4, 11) real tokens
