@@ -61,7 +61,8 @@ def parse_args(argv=None):
     g.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="architecture for --elmo random")
     g.add_argument("--encoder", default="bilstm", choices=["bilstm", "mean", "bcn"], help="'mean': the "
                    "notebook's mean-pooled features -> MLP, no LSTM; 'bcn': the biattentive classification "
-                   "network (McCann et al., 2017), the paper's SST-5 model, with AllenNLP's defaults (below)")
+                   "network (McCann et al., 2017), the paper's SST-5 model; it changes the defaults of --hidden, "
+                   "--elmo-dropout, --word-dropout and --clip-norm to AllenNLP's SST-5 configuration")
     g.add_argument("--hidden", type=int, help="BiLSTM size per direction and MLP width (default 256; "
                    "--encoder bcn: 300, as AllenNLP's SST-5 configuration)")
     g.add_argument("--pooling", default="max", choices=["max", "mean", "max+mean"])
@@ -72,7 +73,8 @@ def parse_args(argv=None):
                    "with its own scalar mix (paper: input for SST; both helped SNLI and SQuAD)")
     g.add_argument("--elmo-dropout", type=float, help="dropout on the ELMo mix (default 0.5, AllenNLP's "
                    "ELMo default; --encoder bcn: 0, its embedding dropout already drops ELMo)")
-    g.add_argument("--dropout", type=float, default=0.2, help="dropout before the MLP")
+    g.add_argument("--dropout", type=float, default=0.2, help="dropout before the MLP (--encoder bcn: after "
+                   "its first maxout layer, 0.2 in AllenNLP's configuration)")
     g.add_argument("--word-dropout", type=float, help="dropout on the word embeddings x_k (default: --dropout; "
                    "--encoder bcn: 0, its embedding dropout already drops them)")
     g.add_argument("--layer-norm", action="store_true", help="layer-normalise biLM layers before mixing")
