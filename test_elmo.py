@@ -1643,7 +1643,8 @@ def test_bcn_drops_its_token_features_once_as_allennlp_does(tiny_lm):
     model = tiny_bcn(tiny_lm, elmo_dropout=bcn.elmo_dropout, word_dropout=bcn.word_dropout).train()
     seen = []
     model.pre_encode.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach()))
-    mask = torch.tensor([[t < len(s) for t in range(11)] for s in SENTENCES])     # (4, 11) real tokens
+    T = max(len(s) for s in SENTENCES)
+    mask = torch.tensor([[t < len(s) for t in range(T)] for s in SENTENCES])      # (B, T) real tokens
     for _ in range(20):
         model(SENTENCES)
     features = torch.stack(seen)[:, mask]                                     # (20, real tokens, F)
