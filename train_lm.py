@@ -539,6 +539,7 @@ def main(argv=None):
     else:
         opt = torch.optim.SGD(model.parameters(), lr=lr)
     step, epoch, batch_in_epoch, trained_s, best = 0, 0, 0, 0.0, float("inf")
+    history = resume.get("history", []) if resume else []     # every validation: the learning curve
     if resume:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
@@ -567,7 +568,7 @@ def main(argv=None):
         ckpt = {"format": CHECKPOINT_FORMAT, "kind": "bilm", "config": asdict(config), "vocab": vocab,
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": epoch,
                 "batch_in_epoch": batch_in_epoch, "context_state": context_state,
-                "trained_seconds": trained_s, "best": best, "args": vars(args),
+                "trained_seconds": trained_s, "best": best, "history": history, "args": vars(args),
                 "rng": {"torch": [r[0] for r in rng], "python": [r[1] for r in rng]}}
         if best_too:
             atomic_save(ckpt, args.out)
@@ -620,6 +621,8 @@ def main(argv=None):
         improved = metrics["ppl"] < best
         if improved:
             best = metrics["ppl"]
+        history.append({"step": step, "epoch": round(step / batches_per_epoch, 3),
+                        "trained_seconds": round(trained_s, 1), **metrics})
         log(f"eval {tag} step {step} | valid ppl forward {metrics['ppl_forward']:.2f} backward "
             f"{metrics['ppl_backward']:.2f} mean {metrics['ppl']:.2f} | {time.time() - t:.1f}s"
             + (f" | best, saved {args.out}" if improved else f" | best {best:.2f}"))
@@ -701,7 +704,8 @@ def main(argv=None):
     checkpoint(best_too=result is None or result[1])   # after the final evaluation: --resume knows the best
     if result:
         metrics = result[0]
-        write_metrics(args.metrics_json, {**metrics, "step": step, "trained_seconds": round(trained_s, 1)})
+        write_metrics(args.metrics_json, {**metrics, "step": step, "trained_seconds": round(trained_s, 1),
+                                          "history": history})
     log(f"done: {step} steps in {fmt_time(trained_s)} of training; best valid ppl {best:.2f}; "
         f"checkpoints {args.out} (best) and {last_path(args.out)} (last)")
     del lm_loss                        # DDP's reducer goes before its process group
