@@ -41,7 +41,8 @@ import torch
 
 import data
 from data import UserError
-from elmo import PRESETS, ArgumentParser, BiLM, ELMoConfig, count_parameters, load_elmo, pick_device, run_main
+from elmo import PRESETS, BiLM, ELMoConfig, count_parameters, load_elmo
+from runtime import ArgumentParser, pick_device, run_main
 
 
 def parse_args(argv=None):

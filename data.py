@@ -31,16 +31,13 @@ import time
 
 import torch
 
+from runtime import UserError  # noqa: F401  (also for the scripts: `from data import UserError`)
+
 MAX_CHARS = 50                      # W: characters per token, word marks included (as the original)
 PAD_ID = 0                          # padding token: char id 0 and word id 0
 BOS_CHAR, EOS_CHAR, BOW_CHAR, EOW_CHAR, PAD_CHAR = 256, 257, 258, 259, 260   # before the +1 shift
 BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, PAD_TOKEN = "<S>", "</S>", "<unk>", "<pad>"
 SPECIALS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN]   # ids 0-3 of every LM vocabulary
-
-
-class UserError(Exception):
-    """A problem the user can fix (a bad path, a bad flag, a bad file). Scripts print it as one line and
-    exit with status 2; no traceback."""
 
 
 # ---------------------------------------------------------------------------------------------------------

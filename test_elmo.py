@@ -16,8 +16,8 @@ import torch
 
 import data
 from data import UserError, batch_to_ids
-from elmo import (PRESETS, BiLM, ELMoConfig, ElmoEmbedder, ScalarMix, atomic_save, count_parameters,
-                  load_checkpoint, load_elmo, reverse_within_length)
+from elmo import PRESETS, BiLM, ELMoConfig, ElmoEmbedder, ScalarMix, count_parameters, load_elmo, reverse_within_length
+from runtime import atomic_save, load_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = os.path.join(HERE, "testdata")
@@ -134,7 +134,7 @@ def published_pair(folder, prefix="elmo_tiny_"):
 def test_published_names_find_their_options(tmp_path, golden):
     """Catches the rename users had to guess: `X_weights.hdf5` loads with `X_options.json` beside it, else
     with `options.json`, else with an explicit options path; with none of them, the error names all three."""
-    from elmo import find_options
+    from published import find_options
     ids = batch_to_ids(json.loads(str(golden["sentences_json"])))
     expected = torch.from_numpy(golden["layer_2"])
     options, weights = published_pair(tmp_path / "published")
@@ -164,7 +164,7 @@ def test_convert_and_export_round_trips_are_bit_exact(tmp_path, tiny_lm):
     same datasets, bit for bit, and the same options; (2) a biLM trained here -> export -> convert computes
     what it computed, and exporting that again gives identical files."""
     import h5py
-    from elmo import convert_official, export_official, load_official_weights
+    from published import convert_official, export_official, load_official_weights
     options, weights = published_pair(tmp_path / "published")
     ckpt = convert_official(str(options), str(weights))
     atomic_save(ckpt, tmp_path / "converted.pt")
@@ -203,14 +203,14 @@ def test_embed_file_writes_allennlp_layout_and_continues_after_interruption(tmp_
     mixing sentences up), an empty line that shifts the indices, a half file under the final name, and a
     rerun that starts over instead of continuing."""
     import h5py
-    import elmo
+    import tools
     lines = ["the cat sat on the mat .", "", "a", "naïve café !", "the dog ran after the cat"] * 3
     (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
     sentences = [line.split() for line in lines]
     L, width = official.config.n_layers + 1, 2 * official.config.projection_dim
     for layers in ("all", "top", "average"):
         out = tmp_path / f"{layers}.hdf5"
-        assert elmo.embed_file(official, str(tmp_path / "in.txt"), str(out), layers, batch_size=4,
+        assert tools.embed_file(official, str(tmp_path / "in.txt"), str(out), layers, batch_size=4,
                                log=lambda m: None) == len(lines)
         with h5py.File(out, "r") as h5:
             assert set(h5.keys()) == {str(i) for i in range(len(lines))} | {"sentence_to_index"}
@@ -226,25 +226,25 @@ def test_embed_file_writes_allennlp_layout_and_continues_after_interruption(tmp_
                     expected = {"all": alone, "top": alone[-1], "average": alone.mean(0)}[layers]
                     assert np.allclose(v[...], expected.numpy(), atol=1e-5), (layers, i)
     # interrupted after the first batch: no final file; the rerun computes only the rest
-    real = elmo.embed_sentences
+    real = tools.embed_sentences
 
     def interrupted(bilm, sentences, batch_size, progress=None):
         for n, item in enumerate(real(bilm, sentences, batch_size, progress)):
             if n == 7:
                 raise KeyboardInterrupt
             yield item
-    monkeypatch.setattr(elmo, "embed_sentences", interrupted)
+    monkeypatch.setattr(tools, "embed_sentences", interrupted)
     out = tmp_path / "resumed.hdf5"
     with pytest.raises(KeyboardInterrupt):
-        elmo.embed_file(official, str(tmp_path / "in.txt"), str(out), "all", batch_size=4, job={"a": 1})
+        tools.embed_file(official, str(tmp_path / "in.txt"), str(out), "all", batch_size=4, job={"a": 1})
     assert not out.exists() and (tmp_path / "resumed.hdf5.partial").exists()
     seen = []
 
     def counting(bilm, sentences, batch_size, progress=None):
         seen.extend(sentences)
         yield from real(bilm, sentences, batch_size, progress)
-    monkeypatch.setattr(elmo, "embed_sentences", counting)
-    elmo.embed_file(official, str(tmp_path / "in.txt"), str(out), "all", batch_size=4, job={"a": 1},
+    monkeypatch.setattr(tools, "embed_sentences", counting)
+    tools.embed_file(official, str(tmp_path / "in.txt"), str(out), "all", batch_size=4, job={"a": 1},
                     log=lambda m: None)
     assert 0 < len(seen) < len(lines)
     with h5py.File(out, "r") as h5, h5py.File(tmp_path / "all.hdf5", "r") as clean:
@@ -257,7 +257,7 @@ def test_neighbors_context_free_layer_cannot_tell_uses_apart(official):
     context) every occurrence of a word has the same vector, so all its neighbours have cosine 1; at the
     top layer the context separates them. Occurrences in the same sentence are never each other's
     neighbours."""
-    from elmo import nearest_occurrences, nearest_words
+    from tools import nearest_occurrences, nearest_words
     sentences = [s.split() for s in ["we play chess", "they play in the park", "a play by shakespeare",
                                      "play it again", "play and play again"]]
     occurrences, top = nearest_occurrences(official, sentences, "play", layer=-1, k=3)
@@ -310,7 +310,7 @@ def bad_published_files(d):
     full = weights.read_bytes()
     (d / "truncated.hdf5").write_bytes(full[: len(full) // 3])
     (d / "ok.tsv").write_text("sentence\tlabel\na fine film\t1\nawful\t0\n")
-    from elmo import convert_official
+    from published import convert_official
     atomic_save(convert_official(str(options), str(weights)), d / "converted.pt")
     (d / "text.txt").write_text("the cat sat\n" * 30)
     (d / "lonely").mkdir()
@@ -509,7 +509,7 @@ def test_reference_cell_carries_state_like_nn_lstm_and_auto_picks_the_exact_fast
     assert tiny_model(proj_clip=3.0).lstm_impl == "reference"
     clipped = tiny_model(cell_clip=3.0)
     from dataclasses import asdict
-    from elmo import CHECKPOINT_FORMAT
+    from runtime import CHECKPOINT_FORMAT
     atomic_save({"format": CHECKPOINT_FORMAT, "kind": "bilm", "config": asdict(clipped.config), "vocab": None,
                  "model": clipped.state_dict()}, tmp_path / "clipped.pt")
     with pytest.raises(UserError, match="cannot"):
@@ -865,7 +865,7 @@ def test_parameter_counts_match_allennlp(preset, published):
 def test_checkpoint_round_trip_weights_only(tmp_path):
     """Catches checkpoints that need pickle (weights_only=True must load them) or that lose the config."""
     from dataclasses import asdict
-    from elmo import CHECKPOINT_FORMAT
+    from runtime import CHECKPOINT_FORMAT
     model = tiny_model()
     path = str(tmp_path / "m.pt")
     atomic_save({"format": CHECKPOINT_FORMAT, "kind": "bilm", "config": asdict(model.config),
@@ -1046,7 +1046,7 @@ def bad_inputs(d, tiny_lm):
     d.joinpath("badlabel.tsv").write_text("sentence\tlabel\na fine film\t1\nawful\t7\n")
     d.joinpath("badnli.tsv").write_text("premise\thypothesis\tlabel\na\tb\tneutral\nc\td\tmaybe\n")
     d.joinpath("nohyp.tsv").write_text("premise\tlabel\na\tneutral\n")
-    from elmo import CHECKPOINT_FORMAT
+    from runtime import CHECKPOINT_FORMAT
     torch.save({"format": CHECKPOINT_FORMAT, "kind": "sst", "model": {}}, d / "classifier.pt")
     torch.save({"format": "elmo-pytorch/0", "kind": "bilm"}, d / "oldformat.pt")
     sst = ["train_sst.py", "--elmo", str(tiny_lm), "--max-steps", "2", "--out", str(d / "out.pt")]
@@ -1185,7 +1185,7 @@ def test_kill_during_save_leaves_loadable_checkpoint(tmp_path):
     """Catches non-atomic checkpoint writes: SIGKILL at a random instant of a save loop must leave the
     previous checkpoint loadable."""
     path = tmp_path / "ck.pt"
-    code = (f"import torch, sys; sys.path.insert(0, {HERE!r}); from elmo import atomic_save\n"
+    code = (f"import torch, sys; sys.path.insert(0, {HERE!r}); from runtime import atomic_save\n"
             f"i = 0\nwhile True:\n"
             f"    atomic_save({{'format': 'elmo-pytorch/1', 'kind': 'bilm', 'i': i, "
             f"'w': torch.full((400000,), float(i))}}, {str(path)!r}); i += 1\n")
@@ -1660,7 +1660,7 @@ def test_cache_gives_the_same_logits(tiny_lm, tmp_path, where):
     overwritten by a neighbour): logits from cached layers equal logits computed by the biLM, to 1e-5 in
     memory (fp32) and to fp16 precision from the disk file, whose name is gone from the directory."""
     import train_sst
-    from elmo import LayerCache
+    from downstream import LayerCache
     bilm = load_elmo(str(tiny_lm))
     bilm.head, bilm.config.vocab_size = None, 0
     spec = {"bilm_config": __import__("dataclasses").asdict(bilm.config), "word_vocab": None, "word_dim": 8,

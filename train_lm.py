@@ -49,9 +49,9 @@ import torch
 
 import data
 from data import UserError
-from elmo import (CHECKPOINT_FORMAT, PRESETS, ArgumentParser, BiLM, ELMoConfig, abort_nonfinite, all_finite,
-                  atomic_save, bilm_from_checkpoint, count_parameters, fmt_time, last_path, load_checkpoint,
-                  pick_device, run_main, write_metrics)
+from elmo import PRESETS, BiLM, ELMoConfig, bilm_from_checkpoint, count_parameters
+from runtime import (CHECKPOINT_FORMAT, ArgumentParser, abort_nonfinite, all_finite, atomic_save, fmt_time,
+                     last_path, load_checkpoint, pick_device, run_main, write_metrics)
 
 
 def parse_args(argv=None):

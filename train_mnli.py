@@ -32,10 +32,11 @@ import torch.nn.functional as F
 
 import data
 from data import UserError
-from elmo import (CHECKPOINT_FORMAT, PRESETS, ArgumentParser, BiLstmEncoder, TokenFeatures,
-                  abort_nonfinite, all_finite, atomic_save, cache_layers, fmt_time, frozen_bilm, last_path,
-                  load_checkpoint, load_task_state, pick_device, pool, run_main, task_optimizer,
-                  write_metrics)
+from downstream import (BiLstmEncoder, TokenFeatures, cache_layers, frozen_bilm, load_task_state, pool,
+                        task_optimizer)
+from elmo import PRESETS
+from runtime import (CHECKPOINT_FORMAT, ArgumentParser, abort_nonfinite, all_finite, atomic_save, fmt_time,
+                     last_path, load_checkpoint, pick_device, run_main, write_metrics)
 
 LABELS = ["entailment", "neutral", "contradiction"]       # GLUE / HF multi_nli order: 0, 1, 2
 HUB = "nyu-mll/multi_nli"
