@@ -608,10 +608,12 @@ def load_elmo(path: str, device="cpu", impl: str = "auto", options: str | None =
     `*.hdf5` weight file (its options found by `find_options`, or named by `options=`) -> frozen biLM in
     eval mode."""
     if str(path).endswith((".hdf5", ".h5")):
-        from published import find_options, load_official_weights
-        model = load_official_weights(find_options(path, options), path, impl)
+        from published import find_options, read_official     # the file format, read only when it is asked for
+        config, state = read_official(find_options(path, options), path)
+        ckpt = {"config": config, "model": state, "vocab": None}
     else:
-        model = bilm_from_checkpoint(load_checkpoint(path, "bilm"), impl)
+        ckpt = load_checkpoint(path, "bilm")
+    model = bilm_from_checkpoint(ckpt, impl)
     if impl == "fused" and (model.config.cell_clip or model.config.proj_clip):
         raise UserError(f"{path} clips its LSTM cells/outputs (the published weights do), which the fused "
                         f"nn.LSTM cannot: its outputs would drift (README, Using the published ELMo weights); "

@@ -1,29 +1,32 @@
 """The published ELMo files (bilm-tf's weights HDF5 + options JSON, as AllenNLP distributes them) <-> our
-biLM, both ways, with every TensorFlow quirk commented where it is handled: finding and reading the options,
-the datasets' layout, TF -> ours (`load_official_weights`, `convert_official`) and ours -> TF
-(`official_weights`, `export_official`)."""
+biLM's weights, both ways, with every TensorFlow quirk commented where it is handled.
+
+    find_options        X_weights.hdf5 -> X_options.json beside it (or options.json, or the path given)
+    read_options        options JSON -> our config values (a dict of `elmo.ELMoConfig` fields)
+    official_layout     every dataset of a weight file, with its TensorFlow shape
+    read_official       options + weights -> (config values, our state_dict), every shape checked first
+    official_weights    (config values, our state_dict) -> (options, datasets): the inverse, step by step
+    convert_official    options + weights -> one of our biLM checkpoints (`python elmo.py convert`)
+    export_official     config + state -> DIR/options.json + DIR/weights.hdf5 (`python elmo.py export`)
+
+This module works on plain values (config dicts, state dicts, arrays), not on the model's classes:
+`elmo.load_elmo` builds the biLM from what `read_official` returns.
+"""
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
 
 import torch
 
-from data import MAX_CHARS
-from elmo import BiLM, ELMoConfig
+from data import MAX_CHARS, check_file
 from runtime import CHECKPOINT_FORMAT, UserError
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The published weights (bilm-tf's HDF5 + options JSON, as AllenNLP distributes them) <-> our BiLM, both ways,
-# with every TensorFlow quirk at its place. Reading is `load_official_weights`; writing is `official_weights`.
-# ---------------------------------------------------------------------------------------------------------
 def find_options(weights: str, options: str | None = None) -> str:
     """The options file of a published weight file: `options` when given; else the published naming, where
     `elmo_2x1024_128_2048cnn_1xhighway_weights.hdf5` comes with `..._options.json` beside it; else
     `options.json` in the same folder."""
-    from data import check_file
     if options:
         return check_file(options, "options file")
     folder, name = os.path.split(weights)
@@ -38,8 +41,9 @@ def find_options(weights: str, options: str | None = None) -> str:
                     f"--elmo-options PATH (in Python: load_elmo(path, options=PATH))")
 
 
-def read_options(path: str) -> ELMoConfig:
-    """A published options JSON -> our config. The keys read are the ones bilm-tf and AllenNLP read."""
+def read_options(path: str) -> dict:
+    """A published options JSON -> our config values (`elmo.ELMoConfig` fields). The keys read are the ones
+    bilm-tf and AllenNLP read."""
     try:
         with open(path, encoding="utf-8") as f:
             options = json.load(f)
@@ -64,7 +68,7 @@ def read_options(path: str) -> ELMoConfig:
                         f"token are supported (found {cnn.get('activation')!r}, "
                         f"{cnn.get('max_characters_per_token')})")
     try:
-        return ELMoConfig(
+        config = dict(
             token_encoder="char", n_characters=262, char_embed_dim=int(need("char_cnn", "embedding")["dim"]),
             filters=[[int(w), int(n)] for w, n in need("char_cnn", "filters")],
             n_highway=int(cnn.get("n_highway") or 0),
@@ -72,25 +76,30 @@ def read_options(path: str) -> ELMoConfig:
             n_layers=int(lstm.get("n_layers", 1)),           # bilm-tf's default
             # bilm-tf passes the values to TensorFlow's LSTMCell, where None (or absent) means no clipping
             cell_clip=float(lstm.get("cell_clip") or 0), proj_clip=float(lstm.get("proj_clip") or 0),
-            residual=bool(need("lstm", "use_skip_connections")), dropout=0.0, vocab_size=0).validate()
+            residual=bool(need("lstm", "use_skip_connections")), dropout=0.0, vocab_size=0)
     except (TypeError, ValueError, KeyError) as e:
         raise UserError(f"options file {path} does not describe a biLM we can build: {e}") from None
+    if not 0 < config["projection_dim"] < config["lstm_dim"] or config["n_layers"] < 1:
+        raise UserError(f"options file {path} does not describe a biLM we can build: it needs 0 < "
+                        f"projection_dim < dim and n_layers >= 1")
+    return config
 
 
-def official_layout(config: ELMoConfig):
+def official_layout(config: dict):
     """Every dataset of a published weight file: (name, shape in the file). The shapes are TensorFlow's:
     a dense layer's kernel is (in, out) because TF computes x @ W; an LSTM layer's kernel W_0 stacks the
     input's rows over the recurrent output's, (in + P, 4D), because TF's LSTMCell multiplies [x; h] by it."""
-    C, Fn, D, P = config.char_embed_dim, config.n_filters, config.lstm_dim, config.projection_dim
-    layout = [("char_embed", (config.n_characters - 1, C))]                # no row for the padding id 0
-    for k, (width, n) in enumerate(config.filters):
+    C, D, P = config["char_embed_dim"], config["lstm_dim"], config["projection_dim"]
+    Fn = sum(n for _, n in config["filters"])                                # F, all filters
+    layout = [("char_embed", (config["n_characters"] - 1, C))]             # no row for the padding id 0
+    for k, (width, n) in enumerate(config["filters"]):
         layout += [(f"CNN/W_cnn_{k}", (1, width, C, n)), (f"CNN/b_cnn_{k}", (n,))]   # a conv2d of height 1
-    for k in range(config.n_highway):
+    for k in range(config["n_highway"]):
         layout += [(f"CNN_high_{k}/{w}_{part}", (Fn, Fn) if w == "W" else (Fn,))
                    for part in ("carry", "transform") for w in ("W", "b")]
     layout += [("CNN_proj/W_proj", (Fn, P)), ("CNN_proj/b_proj", (P,))]
     for direction in (0, 1):                                                # 0 forward, 1 backward
-        for k in range(config.n_layers):
+        for k in range(config["n_layers"]):
             cell = f"RNN_{direction}/RNN/MultiRNNCell/Cell{k}/LSTMCell"
             layout += [(f"{cell}/W_0", (P + P, 4 * D)), (f"{cell}/B", (4 * D,)), (f"{cell}/W_P_0", (D, P))]
     return layout
@@ -103,15 +112,15 @@ def tf_gate_order(D: int):
                       torch.arange(3 * D, 4 * D)])
 
 
-def load_official_weights(options_file: str, weights_file: str, impl: str = "auto") -> BiLM:
-    """A published options JSON + HDF5 weight file -> our BiLM (no LM softmax: the files have none).
-    Every dataset is checked against the shape the options imply before anything is built, so a file that
-    is truncated, lacks a dataset or belongs to other options is one error line naming it."""
+def read_official(options_file: str, weights_file: str) -> tuple[dict, dict]:
+    """A published options JSON + HDF5 weight file -> (our config values, our state_dict), no LM softmax
+    (the files have none). Every dataset is checked against the shape the options imply before anything is
+    converted, so a file that is truncated, lacks a dataset or belongs to other options is one error line
+    naming it."""
     try:
         import h5py  # only needed here: official weights are HDF5
     except ImportError:
         raise UserError("reading official weights needs h5py: pip install h5py") from None
-    from data import check_file
     config = read_options(options_file)
     arrays = {}
     try:
@@ -129,32 +138,29 @@ def load_official_weights(options_file: str, weights_file: str, impl: str = "aut
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"weights file {weights_file} is not a readable HDF5 file (truncated or another kind "
                         f"of file: {first[:80]})") from None
-    model = BiLM(config, impl=impl)
-    model.load_state_dict(state_from_official(arrays, config))
-    model.vocab = None
-    return model.eval()
+    return config, state_from_official(arrays, config)
 
 
-def state_from_official(arrays: dict, config: ELMoConfig) -> dict:
+def state_from_official(arrays: dict, config: dict) -> dict:
     """Datasets of a published weight file (name -> tensor, TF layout) -> our state_dict."""
     state = {}
     # char embedding: the file has no row for id 0 (padding); AllenNLP and bilm-tf prepend a zero row
     char_embed = arrays["char_embed"]
     state["token_encoder.char_embed.weight"] = torch.cat([torch.zeros(1, char_embed.shape[1]), char_embed])
-    for k in range(len(config.filters)):
+    for k in range(len(config["filters"])):
         # TF conv2d kernel (1, width, C, F_k) -> torch Conv1d (F_k, C, width)
         state[f"token_encoder.convs.{k}.weight"] = arrays[f"CNN/W_cnn_{k}"][0].permute(2, 1, 0)
         state[f"token_encoder.convs.{k}.bias"] = arrays[f"CNN/b_cnn_{k}"]
-    for k in range(config.n_highway):
+    for k in range(config["n_highway"]):
         for part in ("transform", "carry"):  # TF computes x @ W, torch x @ W.T
             state[f"token_encoder.highways.{k}.{part}.weight"] = arrays[f"CNN_high_{k}/W_{part}"].T
             state[f"token_encoder.highways.{k}.{part}.bias"] = arrays[f"CNN_high_{k}/b_{part}"]
     state["token_encoder.proj.weight"] = arrays["CNN_proj/W_proj"].T
     state["token_encoder.proj.bias"] = arrays["CNN_proj/b_proj"]
-    D, P = config.lstm_dim, config.projection_dim
+    D, P = config["lstm_dim"], config["projection_dim"]
     order = tf_gate_order(D)
     for direction, stack in ((0, "forward_lstm"), (1, "backward_lstm")):
-        for k in range(config.n_layers):
+        for k in range(config["n_layers"]):
             cell, prefix = f"RNN_{direction}/RNN/MultiRNNCell/Cell{k}/LSTMCell", f"{stack}.layers.{k}.lstm"
             W = arrays[f"{cell}/W_0"].T[order]            # (in + P, 4D) -> (4D, in + P), torch's gate order
             state[f"{prefix}.weight_ih_l0"] = W[:, :P]   # the input's columns (every layer's input is P wide)
@@ -175,50 +181,52 @@ def forget_one(D: int):
     return b
 
 
-def official_weights(model: BiLM) -> tuple[dict, dict]:
-    """Our biLM -> (options dict, {dataset name: float32 array}) in the published layout: the inverse of
-    `state_from_official`, step by step, so bilm-tf and AllenNLP load a biLM trained here unchanged. The LM
-    softmax is not part of it (the published files have none)."""
-    config = model.config
-    if config.token_encoder != "char":
+def official_weights(config: dict, state: dict) -> tuple[dict, dict]:
+    """Our biLM's config values and state_dict -> (options dict, {dataset name: float32 array}) in the
+    published layout: the inverse of `state_from_official`, step by step, so bilm-tf and AllenNLP load a biLM
+    trained here unchanged. The LM softmax is not part of it (the published files have none)."""
+    if config["token_encoder"] != "char":
         raise UserError("only character-CNN biLMs have a published layout (this one uses word embeddings)")
-    s = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    s = {k: v.detach().float().cpu() for k, v in state.items()}
     arrays = {"char_embed": s["token_encoder.char_embed.weight"][1:]}          # drop the padding row
-    for k in range(len(config.filters)):
+    for k in range(len(config["filters"])):
         arrays[f"CNN/W_cnn_{k}"] = s[f"token_encoder.convs.{k}.weight"].permute(2, 1, 0)[None]
         arrays[f"CNN/b_cnn_{k}"] = s[f"token_encoder.convs.{k}.bias"]
-    for k in range(config.n_highway):
+    for k in range(config["n_highway"]):
         for part in ("transform", "carry"):
             arrays[f"CNN_high_{k}/W_{part}"] = s[f"token_encoder.highways.{k}.{part}.weight"].T
             arrays[f"CNN_high_{k}/b_{part}"] = s[f"token_encoder.highways.{k}.{part}.bias"]
     arrays["CNN_proj/W_proj"] = s["token_encoder.proj.weight"].T
     arrays["CNN_proj/b_proj"] = s["token_encoder.proj.bias"]
-    order = tf_gate_order(config.lstm_dim)
+    D = config["lstm_dim"]
+    order = tf_gate_order(D)
     for direction, stack in ((0, "forward_lstm"), (1, "backward_lstm")):
-        for k in range(config.n_layers):
+        for k in range(config["n_layers"]):
             cell, prefix = f"RNN_{direction}/RNN/MultiRNNCell/Cell{k}/LSTMCell", f"{stack}.layers.{k}.lstm"
             W = torch.cat([s[f"{prefix}.weight_ih_l0"], s[f"{prefix}.weight_hh_l0"]], dim=1)  # (4D, in + P)
             arrays[f"{cell}/W_0"] = W[order].T
             # B = bias_ih + bias_hh - the 1.0 TF adds itself; bias_hh - 1.0 is exactly 0 for converted weights
-            b_hh = s[f"{prefix}.bias_hh_l0"] - forget_one(config.lstm_dim)
+            b_hh = s[f"{prefix}.bias_hh_l0"] - forget_one(D)
             arrays[f"{cell}/B"] = (s[f"{prefix}.bias_ih_l0"] + b_hh)[order]
             arrays[f"{cell}/W_P_0"] = s[f"{prefix}.weight_hr_l0"].T
+    c = config
     options = {
-        "lstm": {"use_skip_connections": config.residual, "projection_dim": config.projection_dim,
+        "lstm": {"use_skip_connections": c["residual"], "projection_dim": c["projection_dim"],
                  # null, not 0: TensorFlow's LSTMCell would clip at 0 (AllenNLP and bilm-tf read null as off)
-                 "cell_clip": config.cell_clip or None, "proj_clip": config.proj_clip or None,
-                 "dim": config.lstm_dim, "n_layers": config.n_layers},
-        "char_cnn": {"activation": "relu", "filters": config.filters, "n_highway": config.n_highway,
-                     "embedding": {"dim": config.char_embed_dim}, "n_characters": config.n_characters,
+                 "cell_clip": c["cell_clip"] or None, "proj_clip": c["proj_clip"] or None,
+                 "dim": c["lstm_dim"], "n_layers": c["n_layers"]},
+        "char_cnn": {"activation": "relu", "filters": c["filters"], "n_highway": c["n_highway"],
+                     "embedding": {"dim": c["char_embed_dim"]}, "n_characters": c["n_characters"],
                      "max_characters_per_token": MAX_CHARS}}
     return options, {name: arrays[name].contiguous().numpy() for name, _ in official_layout(config)}
 
 
-def export_official(model: BiLM, out_dir: str) -> tuple[str, str]:
-    """Write `out_dir/options.json` and `out_dir/weights.hdf5` (the published layout). Both are written
-    under temporary names first and renamed at the end: an interrupted export leaves no half file."""
+def export_official(config: dict, state: dict, out_dir: str) -> tuple[str, str]:
+    """A biLM's config values and state_dict -> `out_dir/options.json` and `out_dir/weights.hdf5` (the
+    published layout). Both are written under temporary names first and renamed at the end: an interrupted
+    export leaves no half file."""
     import h5py
-    options, arrays = official_weights(model)
+    options, arrays = official_weights(config, state)
     os.makedirs(out_dir, exist_ok=True)
     paths = os.path.join(out_dir, "options.json"), os.path.join(out_dir, "weights.hdf5")
     tmp = [p + ".tmp" for p in paths]
@@ -241,8 +249,8 @@ def convert_official(options_file: str, weights_file: str) -> dict:
     """A published pair of files -> one of our self-describing biLM checkpoints (tensors and plain
     containers; the config remembers the clipping). It has no vocabulary and no LM softmax: it gives ELMo
     vectors everywhere a train_lm.py checkpoint does, but no perplexity."""
-    model = load_official_weights(options_file, weights_file)
-    return {"format": CHECKPOINT_FORMAT, "kind": "bilm", "config": asdict(model.config), "vocab": None,
-            "model": model.state_dict(), "step": 0,
+    config, state = read_official(options_file, weights_file)
+    return {"format": CHECKPOINT_FORMAT, "kind": "bilm", "config": config, "vocab": None, "model": state,
+            "step": 0,
             "args": {"converted_from": {"options": os.path.abspath(options_file),
                                         "weights": os.path.abspath(weights_file)}}}

@@ -164,13 +164,15 @@ def test_convert_and_export_round_trips_are_bit_exact(tmp_path, tiny_lm):
     same datasets, bit for bit, and the same options; (2) a biLM trained here -> export -> convert computes
     what it computed, and exporting that again gives identical files."""
     import h5py
-    from published import convert_official, export_official, load_official_weights
+    from dataclasses import asdict
+    from published import convert_official, export_official
     options, weights = published_pair(tmp_path / "published")
     ckpt = convert_official(str(options), str(weights))
     atomic_save(ckpt, tmp_path / "converted.pt")
     converted = load_checkpoint(str(tmp_path / "converted.pt"), "bilm")           # weights_only=True inside
     assert converted["config"]["cell_clip"] == 3.0 and converted["config"]["proj_clip"] == 3.0
-    export_official(load_elmo(str(tmp_path / "converted.pt")), str(tmp_path / "back"))
+    back = load_elmo(str(tmp_path / "converted.pt"))
+    export_official(asdict(back.config), back.state_dict(), str(tmp_path / "back"))
 
     def datasets(path):
         with h5py.File(path, "r") as h5:
@@ -186,13 +188,13 @@ def test_convert_and_export_round_trips_are_bit_exact(tmp_path, tiny_lm):
     assert json.loads((tmp_path / "back" / "options.json").read_text()) == json.loads(options.read_text())
 
     ours = load_elmo(str(tiny_lm))
-    export_official(ours, str(tmp_path / "ours"))
-    again = load_official_weights(str(tmp_path / "ours" / "options.json"), str(tmp_path / "ours" / "weights.hdf5"))
+    export_official(asdict(ours.config), ours.state_dict(), str(tmp_path / "ours"))
+    again = load_elmo(str(tmp_path / "ours" / "weights.hdf5"), options=str(tmp_path / "ours" / "options.json"))
     ids = batch_to_ids(SENTENCES)
     with torch.no_grad():
         for a, b in zip(ours(ids)["activations"], again(ids)["activations"]):
             assert torch.allclose(a, b, atol=1e-6)
-    export_official(again, str(tmp_path / "ours2"))
+    export_official(asdict(again.config), again.state_dict(), str(tmp_path / "ours2"))
     first, second = datasets(tmp_path / "ours" / "weights.hdf5"), datasets(tmp_path / "ours2" / "weights.hdf5")
     assert all(np.array_equal(first[n], second[n]) for n in first)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -207,7 +208,8 @@ def convert_command(args):
 
 
 def export_command(args):
-    paths = export_official(load_elmo(args.elmo), args.out_dir)
+    bilm = load_elmo(args.elmo)
+    paths = export_official(asdict(bilm.config), bilm.state_dict(), args.out_dir)
     print(f"wrote {paths[0]} and {paths[1]} (published layout; no LM softmax)")
 
 
