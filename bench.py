@@ -17,10 +17,10 @@ peak resident set size (VmHWM, reset per configuration through /proc/self/clear_
   # the quick default table on whatever device is present (CPU: about a minute on 2 cores)
   python bench.py
   # the numbers in the README's Performance section (2 threads)
-  python bench.py --threads 2 --preset small --mode infer train --lstm fused reference --cnn distinct token
+  python bench.py --threads 2 --preset small --mode infer train --lstm fused columns --cnn distinct token
   python bench.py --threads 2 --preset original --mode infer --repeats 3
-  # a published file (clipped: the reference cell), on real sentences
-  python bench.py --threads 2 --elmo elmo_2x4096_512_2048cnn_2xhighway_weights.hdf5 --lstm reference \
+  # a published file (clipped: the column cell), on real sentences
+  python bench.py --threads 2 --elmo elmo_2x4096_512_2048cnn_2xhighway_weights.hdf5 --lstm columns \
       --cnn distinct remembered --text ../shared/data/lm/movie_reviews.train.txt
   # a GPU: presets x dtypes x compile
   python bench.py --device cuda --preset small original --dtype float32 bfloat16 --compile off on \\
@@ -50,11 +50,12 @@ def parse_args(argv=None):
     g = p.add_argument_group("what to measure (each flag takes several values: every combination runs)")
     g.add_argument("--preset", nargs="+", default=["small"], choices=sorted(PRESETS))
     g.add_argument("--elmo", help="measure this biLM instead of the presets (inference only): a .pt checkpoint "
-                   "or a published *_weights.hdf5, e.g. the `original` ELMo, whose clipping needs --lstm reference")
+                   "or a published *_weights.hdf5, e.g. the `original` ELMo, whose clipping needs --lstm columns or reference")
     g.add_argument("--elmo-options", help="options JSON of --elmo, when it is not found beside the weights")
     g.add_argument("--mode", nargs="+", choices=["infer", "train"], help="default: both (--elmo: infer)")
-    g.add_argument("--lstm", nargs="+", default=["fused", "reference"], choices=["fused", "reference"],
-                   help="fused nn.LSTM, or the explicit reference cell (the one that can clip)")
+    g.add_argument("--lstm", nargs="+", default=["fused", "columns"], choices=["fused", "columns", "reference"],
+                   help="fused nn.LSTM; the reference cell stepped on columns (the CPU speed path, can clip); "
+                   "the reference cell as the equations read (can clip)")
     g.add_argument("--cnn", nargs="+", default=["distinct"], choices=["distinct", "token", "remembered"],
                    help="character CNN once per distinct token of the batch, once per token, or (inference) "
                    "once per token ever seen: CharCNN.remember_tokens, filled during the warm-up")
@@ -139,6 +140,7 @@ def run_config(cfg, args, device, reference_outputs, text):
     else:
         model = BiLM(ELMoConfig(**PRESETS[preset], vocab_size=vocab), impl=lstm).to(device)
     model.token_encoder.unique = cnn != "token"
+    model.token_encoder.memo = None                # load_elmo turns the memo on: measure it only when asked
     if cnn == "remembered":
         model.token_encoder.remember_tokens()
     batches = [[t.to(device) for t in make_batch(B, T, max(vocab, 5), seed=k, text=text)]

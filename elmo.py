@@ -4,8 +4,12 @@ Peters et al., 2018, "Deep contextualized word representations" (arXiv:1802.0536
 bottom; it follows the order in which a sentence flows through the model:
 
     config -> character CNN -> highway -> LSTM cell -> LSTM stacks -> biLM with LM head
-           -> scalar mix -> ELMo embedder -> save / load -> the published weights, both ways
-           -> the tools (embed, neighbours) and their command line
+           -> scalar mix -> ELMo embedder -> load_elmo
+           -> speed paths: exact variants of the CNN and the cell, each tested equal to the plain one
+
+Nothing else lives here. Beside it: `data.py` (text -> character ids, corpora, batches), `published.py`
+(AllenNLP's published files, both ways), `downstream.py` (frozen features and the task training loop),
+`tools.py` (`python elmo.py convert | export | embed | neighbors`), `runtime.py` (the scripts' plumbing).
 
 What goes in, what comes out:
 
@@ -17,13 +21,6 @@ What goes in, what comes out:
 
 AllenNLP's published weights load the same way: `load_elmo("elmo_2x1024_128_2048cnn_1xhighway_weights.hdf5")`
 finds `elmo_2x1024_128_2048cnn_1xhighway_options.json` beside it (else `options.json`, else `options=PATH`).
-
-The tools around the model, `python elmo.py SUBCOMMAND --help` for each:
-
-    python elmo.py convert --options X_options.json --weights X_weights.hdf5 --out x.pt   # published -> ours
-    python elmo.py export --elmo lm.pt --out-dir lm_tf          # ours -> options.json + weights.hdf5
-    python elmo.py embed --elmo lm.pt --input sentences.txt --output vectors.hdf5   # as `allennlp elmo`
-    python elmo.py neighbors --elmo lm.pt --sentences text.txt --word play          # the paper's Table 4
 
 Shape legend, used in every shape comment below:
     B batch, T tokens per sentence (with <S> and </S> where noted), W characters per token (50),
@@ -45,17 +42,18 @@ Deviations from the paper / bilm-tf and from AllenNLP, and why:
   3. Softmax. bilm-tf trains with a sampled softmax (8192 samples) over 793k words. We offer a full softmax
      (default) and torch's adaptive softmax (Grave et al., 2017), which is cheap *and* properly normalised,
      so training loss and reported perplexity are exact. We do not implement the sampled softmax.
-  4. Two LSTM implementations over the same parameters: an explicit reference cell (with the cell and
-     projection clipping of the original) and the fused `torch.nn.LSTM(proj_size=P)` path, which cannot clip.
-     Tests hold the two equal. `impl="auto"` runs the reference cell where it must (clipping) and where it
-     is faster (a CPU without gradients: it steps on columns, see `LstmLayer.reference`), nn.LSTM otherwise.
+  4. Three LSTM paths over the same parameters: the reference cell, written as the equations (with the
+     cell and projection clipping of the original); the same cell stepped on columns, a speed path for the
+     CPU; and the fused `torch.nn.LSTM(proj_size=P)`, which cannot clip. Tests hold the three equal.
+     `impl="auto"` runs the column cell where it must (clipping) and where it is faster (a CPU without
+     gradients), nn.LSTM otherwise.
   5. TensorFlow adds 1.0 to the forget-gate bias at run time. AllenNLP folds it into the stored bias; we
      keep it in torch's second bias (`bias_hh`, which TensorFlow does not have), so the file's bias is
      stored bit for bit and `export` writes it back unchanged. Our own models start with forget bias 1.0.
   6. The character CNN runs once per *distinct* token of a batch and only over the character positions
-     that can matter (see `CharCNN.forward`); both are exact, and tested against the per-token path. A
-     frozen biLM can also remember token embeddings across batches (`CharCNN.remember_tokens`), as
-     AllenNLP's `vocab_to_cache` did, without naming the vocabulary in advance.
+     that can matter (`encode_distinct`); both are exact, and tested against the per-token path. A frozen
+     biLM (`load_elmo`, `ElmoEmbedder`) also remembers token embeddings across batches (`TokenMemo`, a
+     bounded table), as AllenNLP's `vocab_to_cache` did, without naming the vocabulary in advance.
   7. Scalar-mix layer norm is AllenNLP's: mean and variance over all unmasked elements of the whole batch
      (not per token). It is faithful to AllenNLP's numbers, and so batch-dependent; it is off by default.
   8. Presets use no clipping (fused LSTM, fast); pass clip values of 3.0 to train as the paper did.
@@ -180,17 +178,8 @@ class CharCNN(nn.Module):
         self.max_width = max(width for width, _ in c.filters)
         self.highways = nn.ModuleList(Highway(c.n_filters) for _ in range(c.n_highway))
         self.proj = nn.Linear(c.n_filters, c.projection_dim)
-        self.unique = True       # run once per distinct token (exact); bench.py turns it off to measure it
-        self.memo = None         # token -> row of memo_table, when remember_tokens() is on (frozen use)
-
-    def remember_tokens(self, max_tokens: int = 500_000):
-        """Keep every token's embedding across calls, for a frozen biLM (inference, no gradients): a token's
-        embedding depends on its characters alone, so a word seen in an earlier batch need not go through
-        the CNN, highway and projection again (AllenNLP's `vocab_to_cache`, without naming the vocabulary in
-        advance). Up to `max_tokens` distinct tokens (P floats each) are kept; later ones are computed
-        every time. The same numbers as computing them, to float rounding (rows of another batch)."""
-        self.memo, self.memo_max = {}, max_tokens
-        self.memo_table = None                           # (capacity, P), grown by doubling
+        self.unique = True       # speed path: once per distinct token (exact); bench.py turns it off to measure
+        self.memo = None         # speed path for a frozen biLM: a TokenMemo (remember_tokens), else None
 
     def encode_tokens(self, chars):                     # (N, W) -> (N, P)
         x = self.char_embed(chars).transpose(1, 2)      # (N, W) -> (N, W, C) -> (N, C, W) for Conv1d
@@ -204,52 +193,17 @@ class CharCNN(nn.Module):
 
     def forward(self, chars, unique: bool | None = None):   # (B, T, W) -> (B, T, P)
         B, T, W = chars.shape
-        flat = chars.reshape(B * T, W)                  # (B, T, W) -> (B*T, W)
-        if not (self.unique if unique is None else unique):
-            return self.encode_tokens(flat).reshape(B, T, -1)
-        # 1) Trim character positions that cannot change the result. A window of width k touches a real
-        #    character only if it starts before the longest word ends (at `longest`); every window after
-        #    that sees only the pad character and gives the same value. Keeping `longest + max_width`
-        #    positions keeps every distinct window value, so the max-pool is unchanged. (Exact.)
-        is_char = (flat != PAD_ID) & (flat != PAD_CHAR + 1)                # real characters and marks
-        longest = int(is_char.sum(dim=1).max()) if flat.numel() else 0
-        flat = flat[:, : min(W, longest + self.max_width)]
-        # 2) Run the CNN once per distinct token of the batch: a sentence batch repeats "the", "," ...
-        #    many times, and the CNN is the same function for each copy. (Exact.)
-        distinct, inverse = torch.unique(flat, dim=0, return_inverse=True)   # (N, W'), (B*T,)
-        if self.memo is not None and not torch.is_grad_enabled():
-            return self.remembered(distinct)[inverse].reshape(B, T, -1)
-        return self.encode_tokens(distinct)[inverse].reshape(B, T, -1)       # (N, P) -> (B, T, P)
+        if self.unique if unique is None else unique:   # the same numbers, less work: see the speed paths
+            return encode_distinct(self, chars)
+        return self.encode_tokens(chars.reshape(B * T, W)).reshape(B, T, -1)   # (B*T, W) -> (B, T, P)
 
-    def remembered(self, distinct):                     # (N, W') -> (N, P), from the memo where it can
-        # the key: a token's characters up to its end-of-word mark (the trimmed width varies per batch)
-        n_chars = ((distinct != PAD_ID) & (distinct != PAD_CHAR + 1)).sum(dim=1).tolist()
-        keys = [tuple(row[:n]) for row, n in zip(distinct.tolist(), n_chars)]
-        rows = [self.memo.get(k, -1) for k in keys]
-        new = [i for i, r in enumerate(rows) if r < 0]
-        if new:
-            computed = self.encode_tokens(distinct[new])                    # (new, P)
-            room = min(len(new), self.memo_max - len(self.memo))
-            if room > 0:
-                start = len(self.memo)
-                if self.memo_table is None or start + room > len(self.memo_table):
-                    grown = computed.new_empty(max(2 * (start + room), 1024), computed.shape[1])
-                    if self.memo_table is not None:
-                        grown[:start] = self.memo_table[:start]
-                    self.memo_table = grown
-                self.memo_table[start: start + room] = computed[:room]
-                for j in range(room):
-                    self.memo[keys[new[j]]] = rows[new[j]] = start + j
-        if all(r >= 0 for r in rows):
-            return self.memo_table[torch.tensor(rows, dtype=torch.long, device=distinct.device)]
-        out = computed.new_empty(len(rows), computed.shape[1])              # the memo is full:
-        for j, i in enumerate(new):                                         # new tokens as computed,
-            out[i] = computed[j]
-        fresh = set(new)
-        known = [i for i, r in enumerate(rows) if r >= 0 and i not in fresh]
-        if known:                                                           # the others from the memo
-            out[known] = self.memo_table[torch.tensor([rows[i] for i in known], device=distinct.device)]
-        return out
+    def remember_tokens(self, max_tokens: int | None = None):
+        """Keep every token's embedding across calls, for a frozen biLM: a token's embedding depends on its
+        characters alone, so a word seen in an earlier batch need not go through the CNN again. At most
+        `max_tokens` tokens (default: as many as TOKEN_MEMO_MIB holds); 0 turns it off. See `TokenMemo`."""
+        if max_tokens is None:
+            max_tokens = TOKEN_MEMO_MIB * 2 ** 20 // (4 * self.proj.out_features)
+        self.memo = TokenMemo(max_tokens) if max_tokens > 0 else None
 
 
 class WordEncoder(nn.Module):
@@ -269,8 +223,9 @@ class WordEncoder(nn.Module):
 # LSTM with a projection (Sak et al., 2014), one layer, one direction; two implementations, one parameter set.
 # ---------------------------------------------------------------------------------------------------------
 class LstmLayer(nn.Module):
-    """One LSTM layer with cell D and projected output P. The parameters are an `nn.LSTM(proj_size=P)`'s,
-    so the fused kernel can run them; `reference()` runs the same parameters one explicit step at a time.
+    """One LSTM layer with cell D and projected output P (Sak et al., 2014), one direction. The parameters
+    are an `nn.LSTM(proj_size=P)`'s, so torch's fused kernel can run them (`fused`); `reference` runs the
+    same parameters one explicit step at a time, as the equations read, with the original's clipping.
     Gate order (torch's): input i, forget f, cell candidate g, output o."""
 
     def __init__(self, input_dim: int, config: ELMoConfig):
@@ -282,46 +237,41 @@ class LstmLayer(nn.Module):
             self.lstm.bias_ih_l0[D:2 * D].fill_(1.0)
             self.lstm.bias_hh_l0[D:2 * D].zero_()
 
-    # Both paths take an optional initial state (h (B, P), c (B, D)) and return the final one with the
+    # Every path takes an optional initial state (h (B, P), c (B, D)) and returns the final one with the
     # outputs. None means zero state, which is what ELMo's features use: only the stream-mode training and
     # evaluation loop passes a state, explicitly, from one window of text to the next.
-    def fused(self, x, state=None):                     # (B, T, in) -> (B, T, P), state
-        if self.cell_clip or self.proj_clip:
-            raise ValueError("the fused nn.LSTM path cannot clip; use impl='reference' or clip 0")
-        hx = None if state is None else (state[0].unsqueeze(0), state[1].unsqueeze(0))   # (1, B, P), (1, B, D)
-        out, (h, c) = self.lstm(x, hx)
-        return out, (h[0], c[0])
+    def forward(self, x, impl: str = "reference", state=None):    # (B, T, in) -> (B, T, P), state
+        run = {"reference": self.reference, "columns": lstm_columns, "fused": self.fused}[impl]
+        return run(x, state) if impl != "columns" else run(self, x, state)
 
     def reference(self, x, state=None):                 # (B, T, in) -> (B, T, P), state
         lstm = self.lstm
         B, T, _ = x.shape
-        # The cell runs on columns: the state is h^T (P, B), and each step computes W_hh @ h^T rather than
-        # h @ W_hh^T. The arithmetic is the same; but a (4D, P) @ (P, B) product with a small B runs ~1.7x
-        # faster on a CPU than the (B, P) @ (P, 4D) one, and it dominates the cell's time (README,
-        # Performance). The weights are used as stored, no copies.
-        # The input's share of every gate, for all steps in one matmul; only the recurrence is sequential.
-        columns = x.permute(2, 1, 0).reshape(x.shape[2], T * B)                      # (in, T*B)
-        bias = (lstm.bias_ih_l0 + lstm.bias_hh_l0).unsqueeze(1)                      # (4D, 1)
-        gates_x = torch.addmm(bias, lstm.weight_ih_l0, columns).view(-1, T, B)     # (4D, T, B)
-        if state is None:                               # zero state: every call starts fresh
-            h, c = x.new_zeros(lstm.proj_size, B), x.new_zeros(lstm.hidden_size, B)  # (P, B), (D, B)
-        else:
-            h, c = state[0].T, state[1].T
+        h = x.new_zeros(B, lstm.proj_size) if state is None else state[0]          # h_0 = 0 (B, P)
+        c = x.new_zeros(B, lstm.hidden_size) if state is None else state[1]        # c_0 = 0 (B, D)
         outputs = []
         for t in range(T):
-            gates = gates_x[:, t]                                             # (4D, B)
-            if t > 0 or state is not None:              # from zero state, W_hh @ h is exactly 0: skip it
-                gates = torch.addmm(gates, lstm.weight_hh_l0, h)              # + (4D, P) @ (P, B)
-            i, f, g, o = gates.chunk(4, dim=0)                                # 4 x (D, B)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)       # new memory cell
-            if self.cell_clip:
+            # all four gates at once: W_i x_t + b_i + W_h h_{t-1} + b_h, split (B, 4D) -> 4 x (B, D)
+            gates = F.linear(x[:, t], lstm.weight_ih_l0, lstm.bias_ih_l0) \
+                + F.linear(h, lstm.weight_hh_l0, lstm.bias_hh_l0)
+            i, f, g, o = gates.chunk(4, dim=1)
+            i, f, o = torch.sigmoid(i), torch.sigmoid(f), torch.sigmoid(o)      # input, forget, output gates
+            g = torch.tanh(g)                                                    # candidate cell
+            c = f * c + i * g                                # c_t = f_t * c_{t-1} + i_t * g_t
+            if self.cell_clip:                               # bilm-tf's cell_clip: c_t in [-clip, clip]
                 c = c.clamp(-self.cell_clip, self.cell_clip)
-            h = lstm.weight_hr_l0 @ (torch.sigmoid(o) * torch.tanh(c))        # (P, D) @ (D, B) projection
-            if self.proj_clip:
+            h = F.linear(o * torch.tanh(c), lstm.weight_hr_l0)   # h_t = W_P (o_t * tanh(c_t)): (B, D) -> (B, P)
+            if self.proj_clip:                               # bilm-tf's proj_clip: h_t in [-clip, clip]
                 h = h.clamp(-self.proj_clip, self.proj_clip)
             outputs.append(h)
-        out = torch.stack(outputs).permute(2, 0, 1).contiguous()     # T x (P, B) -> (B, T, P)
-        return out, (h.T, c.T)                                        # (B, P), (B, D)
+        return torch.stack(outputs, dim=1), (h, c)       # T x (B, P) -> (B, T, P)
+
+    def fused(self, x, state=None):                     # (B, T, in) -> (B, T, P), state
+        if self.cell_clip or self.proj_clip:
+            raise ValueError("the fused nn.LSTM path cannot clip; use impl 'reference' or 'columns', or clip 0")
+        hx = None if state is None else (state[0].unsqueeze(0), state[1].unsqueeze(0))   # (1, B, P), (1, B, D)
+        out, (h, c) = self.lstm(x, hx)
+        return out, (h[0], c[0])
 
 
 def length_mask(lengths, T: int):
@@ -356,8 +306,7 @@ class LstmStack(nn.Module):
         outputs, states = [], []
         for k, layer in enumerate(self.layers):
             inp = self.dropout(x)
-            run = layer.reference if impl == "reference" else layer.fused
-            h, layer_state = run(inp, None if state is None else state[k])
+            h, layer_state = layer(inp, impl, None if state is None else state[k])
             if k > 0 and self.residual:
                 h = h + x                               # skip connection (AllenNLP: use_skip_connections)
             outputs.append(h)
@@ -394,15 +343,17 @@ class BiLM(nn.Module):
 
     @property
     def lstm_impl(self) -> str:
-        """'auto' picks the exact path that is faster: the reference cell when the weights clip (nn.LSTM
-        cannot), and on a CPU without gradients (frozen ELMo features: 1.5x nn.LSTM's speed at `small`,
-        README Performance); nn.LSTM otherwise (training; GPUs)."""
-        if self.impl != "auto":
-            return self.impl
-        if self.config.cell_clip or self.config.proj_clip:
-            return "reference"
-        on_cpu = next(self.parameters()).device.type == "cpu"
-        return "reference" if on_cpu and not torch.is_grad_enabled() else "fused"
+        """The LSTM path that runs: `impl`, or for "auto" the fastest exact one (`auto_lstm_path`)."""
+        return auto_lstm_path(self) if self.impl == "auto" else self.impl
+
+    def freeze(self) -> "BiLM":
+        """Frozen ELMo (paper section 3.3): eval mode (no dropout), no gradients, and the token memo on, so
+        that each word goes through the character CNN once (`TokenMemo`; the numbers are the same)."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        if isinstance(self.token_encoder, CharCNN) and self.token_encoder.memo is None:
+            self.token_encoder.remember_tokens()
+        return self.eval()
 
     def add_boundaries(self, inputs):
         """Wrap each sentence in <S> ... </S>: (B, T, W) -> (B, T+2, W) char ids, or (B, T) -> (B, T+2) word
@@ -555,9 +506,7 @@ class ElmoEmbedder(nn.Module):
 
     def __init__(self, bilm: BiLM, n_outputs: int = 1, layer_norm: bool = False, dropout: float = 0.5):
         super().__init__()
-        self.bilm = bilm.eval()
-        for p in self.bilm.parameters():
-            p.requires_grad_(False)
+        self.bilm = bilm.freeze()                       # eval mode, no gradients, the token memo on
         n_layers = bilm.config.n_layers + 1
         self.mixes = nn.ModuleList(ScalarMix(n_layers, layer_norm) for _ in range(n_outputs))
         self.dropout = nn.Dropout(dropout)
@@ -617,10 +566,125 @@ def load_elmo(path: str, device="cpu", impl: str = "auto", options: str | None =
     if impl == "fused" and (model.config.cell_clip or model.config.proj_clip):
         raise UserError(f"{path} clips its LSTM cells/outputs (the published weights do), which the fused "
                         f"nn.LSTM cannot: its outputs would drift (README, Using the published ELMo weights); "
-                        f"use the reference cell (impl 'auto' or 'reference')")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.to(device).eval()
+                        f"use the reference cell (impl 'auto', 'columns' or 'reference')")
+    return model.to(device).freeze()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Speed paths. Each computes what the plain path above computes (tests hold them equal), with less work or
+# in a layout the hardware prefers. Skip this section to understand ELMo; read it to know why it is fast.
+# ---------------------------------------------------------------------------------------------------------
+TOKEN_MEMO_MIB = 256   # the token memo's bound: rows of P floats; CharCNN.remember_tokens(max_tokens) sets it
+
+
+def encode_distinct(cnn: CharCNN, chars):               # (B, T, W) -> (B, T, P), as cnn.encode_tokens per token
+    B, T, W = chars.shape
+    flat = chars.reshape(B * T, W)                      # (B, T, W) -> (B*T, W)
+    # 1) Trim character positions that cannot change the result. A window of width k touches a real
+    #    character only if it starts before the longest word ends (at `longest`); every window after
+    #    that sees only the pad character and gives the same value. Keeping `longest + max_width`
+    #    positions keeps every distinct window value, so the max-pool is unchanged. (Exact.)
+    is_char = (flat != PAD_ID) & (flat != PAD_CHAR + 1)                # real characters and marks
+    longest = int(is_char.sum(dim=1).max()) if flat.numel() else 0
+    flat = flat[:, : min(W, longest + cnn.max_width)]
+    # 2) Run the CNN once per distinct token of the batch: a sentence batch repeats "the", "," ...
+    #    many times, and the CNN is the same function for each copy. (Exact.)
+    distinct, inverse = torch.unique(flat, dim=0, return_inverse=True)   # (N, W'), (B*T,)
+    # 3) A frozen biLM also remembers tokens from earlier batches (never under gradients or in training).
+    if cnn.memo is not None and not cnn.training and not torch.is_grad_enabled():
+        return cnn.memo.lookup(cnn, distinct)[inverse].reshape(B, T, -1)
+    return cnn.encode_tokens(distinct)[inverse].reshape(B, T, -1)        # (N, P) -> (B, T, P)
+
+
+class TokenMemo:
+    """Token -> its embedding, kept across calls of a frozen biLM (AllenNLP's `vocab_to_cache`, without
+    naming the vocabulary in advance): a word seen in an earlier batch does not go through the CNN, highway
+    and projection again. Bounded: up to `max_tokens` rows of P floats (TOKEN_MEMO_MIB by default); later
+    new tokens are computed every time. Emptied when the CNN's weights, device or dtype change, so it never
+    returns what older weights computed. The same numbers as computing them, to float rounding (a row
+    computed in another batch)."""
+
+    def __init__(self, max_tokens: int):
+        self.max_tokens, self.rows, self.table, self.made_by = max_tokens, {}, None, None
+
+    def __len__(self):
+        return len(self.rows)
+
+    def lookup(self, cnn: CharCNN, distinct):           # (N, W') -> (N, P), from the memo where it can
+        made_by = (tuple(p._version for p in cnn.parameters()), distinct.device, torch.get_autocast_dtype(
+            distinct.device.type) if torch.is_autocast_enabled(distinct.device.type) else None)
+        if made_by != self.made_by:                     # new weights, device or dtype: start empty
+            self.rows, self.table, self.made_by = {}, None, made_by
+        # the key: a token's characters up to its end-of-word mark (the trimmed width varies per batch)
+        n_chars = ((distinct != PAD_ID) & (distinct != PAD_CHAR + 1)).sum(dim=1).tolist()
+        keys = [tuple(row[:n]) for row, n in zip(distinct.tolist(), n_chars)]
+        rows = [self.rows.get(k, -1) for k in keys]
+        new = [i for i, r in enumerate(rows) if r < 0]
+        if new:
+            computed = cnn.encode_tokens(distinct[new])                     # (new, P)
+            room = min(len(new), self.max_tokens - len(self.rows))
+            if room > 0:
+                start = len(self.rows)
+                if self.table is None or start + room > len(self.table):    # grow by doubling
+                    grown = computed.new_empty(max(2 * (start + room), 1024), computed.shape[1])
+                    if self.table is not None:
+                        grown[:start] = self.table[:start]
+                    self.table = grown
+                self.table[start: start + room] = computed[:room]
+                for j in range(room):
+                    self.rows[keys[new[j]]] = rows[new[j]] = start + j
+        if all(r >= 0 for r in rows):
+            return self.table[torch.tensor(rows, dtype=torch.long, device=distinct.device)]
+        out = computed.new_empty(len(rows), computed.shape[1])              # the memo is full:
+        for j, i in enumerate(new):                                         # new tokens as computed,
+            out[i] = computed[j]
+        fresh = set(new)
+        known = [i for i, r in enumerate(rows) if r >= 0 and i not in fresh]
+        if known:                                                           # the others from the memo
+            out[known] = self.table[torch.tensor([rows[i] for i in known], device=distinct.device)]
+        return out
+
+
+def lstm_columns(layer: LstmLayer, x, state=None):      # (B, T, in) -> (B, T, P), state: LstmLayer.reference
+    lstm = layer.lstm
+    B, T, _ = x.shape
+    # The reference cell's arithmetic, stepped on columns: the state is h^T (P, B), and each step computes
+    # W_hh @ h^T rather than h @ W_hh^T. A (4D, P) @ (P, B) product with a small B runs faster on a CPU
+    # than the (B, P) @ (P, 4D) one, and it is most of the cell's time (measured: RESULTS.md). The weights
+    # are used as stored, no copies.
+    # The input's share of every gate, for all steps in one matmul; only the recurrence is sequential.
+    columns = x.permute(2, 1, 0).reshape(x.shape[2], T * B)                      # (in, T*B)
+    bias = (lstm.bias_ih_l0 + lstm.bias_hh_l0).unsqueeze(1)                      # (4D, 1)
+    gates_x = torch.addmm(bias, lstm.weight_ih_l0, columns).view(-1, T, B)     # (4D, T, B)
+    if state is None:                                   # zero state: every call starts fresh
+        h, c = x.new_zeros(lstm.proj_size, B), x.new_zeros(lstm.hidden_size, B)  # (P, B), (D, B)
+    else:
+        h, c = state[0].T, state[1].T
+    outputs = []
+    for t in range(T):
+        gates = gates_x[:, t]                                                 # (4D, B)
+        if t > 0 or state is not None:                  # from zero state, W_hh @ h is exactly 0: skip it
+            gates = torch.addmm(gates, lstm.weight_hh_l0, h)                  # + (4D, P) @ (P, B)
+        i, f, g, o = gates.chunk(4, dim=0)                                    # 4 x (D, B)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)           # new memory cell
+        if layer.cell_clip:
+            c = c.clamp(-layer.cell_clip, layer.cell_clip)
+        h = lstm.weight_hr_l0 @ (torch.sigmoid(o) * torch.tanh(c))            # (P, D) @ (D, B) projection
+        if layer.proj_clip:
+            h = h.clamp(-layer.proj_clip, layer.proj_clip)
+        outputs.append(h)
+    out = torch.stack(outputs).permute(2, 0, 1).contiguous()         # T x (P, B) -> (B, T, P)
+    return out, (h.T, c.T)                                            # (B, P), (B, D)
+
+
+def auto_lstm_path(bilm: BiLM) -> str:
+    """impl='auto': the exact path that is faster. The column cell when the weights clip (nn.LSTM cannot)
+    and on a CPU without gradients (frozen ELMo features, where it beats torch's LSTM-with-projection
+    kernel: RESULTS.md); nn.LSTM otherwise (training, GPUs)."""
+    if bilm.config.cell_clip or bilm.config.proj_clip:
+        return "columns"
+    on_cpu = next(bilm.parameters()).device.type == "cpu"
+    return "columns" if on_cpu and not torch.is_grad_enabled() else "fused"
 
 if __name__ == "__main__":          # the tools' command line: python elmo.py convert|export|embed|neighbors
     from runtime import run_main

@@ -476,39 +476,50 @@ def test_lm_loss_is_the_same_alone_and_in_a_padded_batch(encoder):
 
 
 def test_reference_and_fused_lstm_agree():
-    """Catches divergence between the readable cell and nn.LSTM (gate order, bias, projection) with
-    clipping off, forward and backward, outputs and gradients."""
+    """Catches divergence between the readable cell, its column-stepping speed path and nn.LSTM (gate order,
+    bias, projection, a transpose in the column cell) with clipping off, forward and backward, outputs and
+    gradients."""
     model = tiny_model(dropout=0.0)
     ids = batch_to_ids(SENTENCES)
     outs, grads = {}, {}
-    for impl in ("reference", "fused"):
+    for impl in ("reference", "columns", "fused"):
         model.impl = impl
         model.zero_grad()
         out = model(ids)["activations"]
         sum(h.square().sum() for h in out).backward()
         outs[impl] = out
         grads[impl] = model.forward_lstm.layers[0].lstm.weight_hh_l0.grad.clone()
-    for a, b in zip(outs["reference"], outs["fused"]):
-        assert torch.allclose(a, b, atol=1e-5)
-    assert torch.allclose(grads["reference"], grads["fused"], atol=1e-4)
+    for impl in ("columns", "fused"):
+        for a, b in zip(outs["reference"], outs[impl]):
+            assert torch.allclose(a, b, atol=1e-5), impl
+        assert torch.allclose(grads["reference"], grads[impl], atol=1e-4), impl
 
 
-def test_reference_cell_carries_state_like_nn_lstm_and_auto_picks_the_exact_faster_path(tmp_path):
-    """Catches a reference cell that mishandles a carried state (stream training passes one; the cell
-    steps on columns, so a state must be transposed in and out), and an `auto` that picks nn.LSTM where it
-    cannot be exact (clipping) or a path other than the documented one."""
+def test_lstm_paths_carry_state_alike_and_auto_picks_the_exact_faster_path(tmp_path):
+    """Catches a cell that mishandles a carried state (stream training passes one; the column cell steps on
+    columns, so a state must be transposed in and out), a column cell that clips differently from the
+    reference cell, and an `auto` that picks nn.LSTM where it cannot be exact (clipping) or a path other
+    than the documented one."""
     layer = tiny_model().forward_lstm.layers[0]
     x = torch.randn(3, 5, 16)
     state = (torch.randn(3, 16), torch.randn(3, 32))                 # h (B, P), c (B, D)
     with torch.no_grad():
-        (out_r, (h_r, c_r)), (out_f, (h_f, c_f)) = layer.reference(x, state), layer.fused(x, state)
-    assert torch.allclose(out_r, out_f, atol=1e-5) and out_r.is_contiguous()
-    assert torch.allclose(h_r, h_f, atol=1e-5) and torch.allclose(c_r, c_f, atol=1e-5)
+        out_r, (h_r, c_r) = layer(x, "reference", state)
+        for impl in ("columns", "fused"):
+            out, (h, c) = layer(x, impl, state)
+            assert torch.allclose(out_r, out, atol=1e-5) and (impl == "fused" or out.is_contiguous()), impl
+            assert torch.allclose(h_r, h, atol=1e-5) and torch.allclose(c_r, c, atol=1e-5), impl
+        clipping = tiny_model(cell_clip=0.5, proj_clip=0.2).forward_lstm.layers[0]
+        out_r, (h_r, c_r) = clipping(3 * x, "reference", state)
+        out_c, (h_c, c_c) = clipping(3 * x, "columns", state)
+        assert out_r.abs().max() == pytest.approx(0.2) and c_r.abs().max() == pytest.approx(0.5)
+        assert torch.allclose(out_r, out_c, atol=1e-6) and torch.allclose(c_r, c_c, atol=1e-6)
+        assert torch.allclose(h_r, h_c, atol=1e-6)
     model = tiny_model()
     assert model.lstm_impl == "fused"                                 # training: nn.LSTM
     with torch.no_grad():
-        assert model.lstm_impl == "reference"                         # frozen, on the CPU: the faster one
-    assert tiny_model(proj_clip=3.0).lstm_impl == "reference"
+        assert model.lstm_impl == "columns"                           # frozen, on the CPU: the faster one
+    assert tiny_model(proj_clip=3.0).lstm_impl == "columns"
     clipped = tiny_model(cell_clip=3.0)
     from dataclasses import asdict
     from runtime import CHECKPOINT_FORMAT
@@ -521,7 +532,7 @@ def test_reference_cell_carries_state_like_nn_lstm_and_auto_picks_the_exact_fast
 def test_fused_refuses_clipping():
     """Catches a silent fallback: nn.LSTM cannot clip, so asking for the fused path with clipping errors."""
     model = tiny_model(cell_clip=3.0)
-    assert model.lstm_impl == "reference"
+    assert model.lstm_impl == "columns"
     model.impl = "fused"
     with pytest.raises(ValueError, match="cannot clip"):
         model(batch_to_ids(SENTENCES))
@@ -571,6 +582,61 @@ def test_remembered_tokens_give_the_same_layers_and_skip_the_cnn():
     model(batch_to_ids(batches[0]))                     # gradients on: every distinct token recomputed
     assert sizes == [first]
     del model.token_encoder.encode_tokens
+
+
+def test_frozen_bilm_remembers_tokens_by_default_and_training_never_does(tmp_path):
+    """Catches the token memo missing where the biLM is frozen (load_elmo, ElmoEmbedder, so embed,
+    neighbors and the task scripts' caching), present where a biLM trains, unbounded, or returning what
+    older weights computed after the weights changed (a fine-tuned biLM must not meet a stale memo)."""
+    from dataclasses import asdict
+    from elmo import TOKEN_MEMO_MIB
+    from runtime import CHECKPOINT_FORMAT
+    model = tiny_model(vocab_size=0)
+    assert model.token_encoder.memo is None                           # a biLM built to train: no memo
+    atomic_save({"format": CHECKPOINT_FORMAT, "kind": "bilm", "config": asdict(model.config), "vocab": None,
+                 "model": model.state_dict()}, tmp_path / "m.pt")
+    frozen = load_elmo(str(tmp_path / "m.pt"))
+    memo = frozen.token_encoder.memo
+    assert memo is not None and memo.max_tokens == TOKEN_MEMO_MIB * 2 ** 20 // (4 * model.config.projection_dim)
+    assert ElmoEmbedder(tiny_model(vocab_size=0)).bilm.token_encoder.memo is not None
+    ids = batch_to_ids(SENTENCES)
+    with torch.no_grad():
+        plain = model(ids)["activations"]
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(frozen(ids)["activations"], plain))
+        assert len(memo) > 0
+        frozen.token_encoder.proj.bias.add_(1.0)                      # new weights: the memo starts over
+        model.token_encoder.proj.bias.add_(1.0)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(frozen(ids)["activations"],
+                                                                   model(ids)["activations"]))
+        n = len(memo)
+        frozen.train()                                                # training mode: never consulted
+        frozen(batch_to_ids([["entirely", "new", "words"]]))
+        assert len(memo) == n
+
+
+def test_elmo_imports_only_the_model_and_the_modules_form_no_cycle():
+    """Catches the model file growing its old jobs back: `import elmo` must not load the file format, the
+    downstream code or the tools (nor h5py or datasets), and no project module may import one that imports
+    it back, counting imports inside functions (an import under `if __name__ == "__main__":` is the
+    command line's, and does not count)."""
+    import ast
+    code = "import sys, elmo; print(' '.join(sorted(sys.modules)))"
+    loaded = set(subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+                                check=True).stdout.split())
+    assert not loaded & {"published", "downstream", "tools", "train_lm", "h5py", "datasets"}
+    modules = {f[:-3] for f in os.listdir(HERE) if f.endswith(".py") and not f.startswith("test_")}
+    graph = {}
+    for m in modules:
+        tree = ast.parse(open(os.path.join(HERE, m + ".py"), encoding="utf-8").read())
+        cli = {id(n) for b in tree.body if isinstance(b, ast.If) and "__main__" in ast.unparse(b.test)
+               for n in ast.walk(b)}
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) and id(n) not in cli for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and id(n) not in cli}
+        graph[m] = {name.split(".")[0] for name in names if name} & modules - {m}
+
+    def reaches(a, b, seen=()):
+        return b in graph[a] or any(reaches(c, b, seen + (a,)) for c in graph[a] if c not in seen)
+    assert not [m for m in modules if reaches(m, m)], graph
 
 
 def test_reverse_within_length():

@@ -154,9 +154,10 @@ def _cli(argv=None):
                        "published *_weights.hdf5 (its options found beside it, or --elmo-options)")
         q.add_argument("--elmo-options", help="options JSON of a published weight file, when it is not "
                        "X_options.json or options.json beside X_weights.hdf5")
-        q.add_argument("--lstm", default="auto", choices=["auto", "reference", "fused"],
-                       help="auto: the faster exact path (the reference cell when the weights clip, as the "
-                       "published ones do, and on a CPU); fused: nn.LSTM, which cannot clip")
+        q.add_argument("--lstm", default="auto", choices=["auto", "reference", "columns", "fused"],
+                       help="auto: the faster exact path (the column-stepping cell when the weights clip, as "
+                       "the published ones do, and on a CPU); reference: the cell as the equations read; "
+                       "fused: nn.LSTM, which cannot clip")
         q.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
         q.add_argument("--tokenizer", default="whitespace", choices=["whitespace", "regex", "ptb"],
                        help="how lines become tokens (whitespace: the text is already tokenised)")
