@@ -1,17 +1,24 @@
 """What train_sst.py and train_mnli.py share: the frozen biLM's features (the layer cache, the token
-features [ELMo_k; x_k]), the task BiLSTM encoder, pooling and the optimizer."""
+features [ELMo_k; x_k]), the task BiLSTM encoder, pooling, the optimizer, the shared flags and checkpoints,
+and the one training loop (`train_task`), a plain function each script calls with its data and model.
+What is left in each script is what makes it that task: reading its data, its model head, its metrics,
+--predict and --write-lm-text."""
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
+from dataclasses import asdict
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from data import PAD_ID, batch_to_ids
+from data import PAD_ID, batch_to_ids, bucket_batches, build_vocab
 from elmo import PRESETS, BiLM, ELMoConfig, ElmoEmbedder, length_mask, load_elmo
-from runtime import UserError
+from runtime import (CHECKPOINT_FORMAT, StopSignal, UserError, abort_nonfinite, all_finite, atomic_save,
+                     check_out_dir, fmt_time, last_path, load_checkpoint, log_stdout, write_metrics)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -248,3 +255,248 @@ def task_optimizer(params, name: str, lr: float, device: torch.device) -> torch.
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
     return torch.optim.Adam(params, lr=lr, fused=device.type in ("cpu", "cuda") or None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The task scripts' shared flags, model spec and checkpoints
+# ---------------------------------------------------------------------------------------------------------
+def task_arguments(p, out_default: str):
+    """The flags train_sst.py and train_mnli.py share, in their groups; each script adds its own to the
+    groups returned (model, data, optimisation, runtime, checkpoints)."""
+    model = p.add_argument_group("model")
+    model.add_argument("--elmo", help="biLM checkpoint (train_lm.py, elmo.py convert) or a published "
+                       "*_weights.hdf5, 'random' (same architecture as --preset, untrained) or 'none' (word "
+                       "embeddings only)")
+    model.add_argument("--elmo-options", help="options JSON of a published weight file (default: "
+                       "X_options.json, else options.json, beside X_weights.hdf5)")
+    model.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="architecture for --elmo random")
+    model.add_argument("--pooling", default="max", choices=["max", "mean", "max+mean"])
+    model.add_argument("--word-dim", type=int, default=300, help="trainable word embeddings x_k concatenated "
+                       "with ELMo as in the paper ([ELMo_k; x_k]), or alone for --elmo none; 0 = ELMo only")
+    model.add_argument("--elmo-at", default="input", choices=["input", "output", "both"], help="where ELMo "
+                       "enters the task model (paper 3.3, Table 3): the task BiLSTM's input, its output, or "
+                       "both, each with its own scalar mix (paper: input for SST; both helped SNLI and SQuAD)")
+    model.add_argument("--layer-norm", action="store_true", help="layer-normalise biLM layers before mixing")
+    model.add_argument("--mix-l2", type=float, default=0.0, help="L2 penalty on the mix weights (paper's "
+                       "lambda; 0.001 in the paper for some tasks)")
+    data = p.add_argument_group("data")
+    data.add_argument("--max-length", type=int, default=100, help="cut sentences longer than this (tokens)")
+    data.add_argument("--encoding", default="utf-8")
+    data.add_argument("--skip-bad-lines", action="store_true", help="skip lines that do not decode (counted)")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    opt.add_argument("--lr", type=float, default=1e-3)
+    opt.add_argument("--batch-size", type=int, default=32, help="sentences per batch")
+    opt.add_argument("--epochs", type=int, default=10)
+    opt.add_argument("--max-steps", type=int, default=0, help="0 = no limit")
+    opt.add_argument("--max-minutes", type=float, default=0, help="0 = no limit (evaluation time counted)")
+    opt.add_argument("--patience", type=int, default=3, help="stop after this many evaluations without a "
+                     "better dev accuracy (0 = never)")
+    opt.add_argument("--eval-every", type=int, default=0, help="steps between dev evaluations (0 = each epoch)")
+    runtime = p.add_argument_group("runtime")
+    runtime.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    runtime.add_argument("--cache", default="auto", choices=["auto", "memory", "disk", "off"], help="compute "
+                         "the frozen biLM's layers once, before training: 'memory' (fp32, exact) or 'disk' "
+                         "(fp16 memory-mapped file, for data larger than RAM); auto = memory when it needs "
+                         "under a quarter of RAM, else disk")
+    runtime.add_argument("--threads", type=int, default=0)
+    runtime.add_argument("--seed", type=int, default=1)
+    runtime.add_argument("--log-every", type=int, default=100)
+    ckpt = p.add_argument_group("checkpoints")
+    ckpt.add_argument("--out", default=out_default, help="best checkpoint; the latest goes to <out>.last.pt")
+    ckpt.add_argument("--resume", action="store_true", help="continue from <out>.last.pt")
+    ckpt.add_argument("--eval-only", action="store_true", help="evaluate --ckpt on --test-file and exit")
+    ckpt.add_argument("--ckpt", help="classifier checkpoint for --eval-only / --predict")
+    ckpt.add_argument("--test-file", help="file for --eval-only")
+    ckpt.add_argument("--metrics-json", help="write the last evaluation here as JSON")
+    return model, data, opt, runtime, ckpt
+
+
+def check_task_numbers(args):
+    for name in ("max_steps", "max_minutes", "epochs", "batch_size", "patience", "eval_every", "threads",
+                 "hidden", "max_length"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must not be negative")
+
+
+def features_spec(args, sentences) -> tuple[dict, dict | None]:
+    """What every task model's checkpoint records about its features (plain values), and the frozen biLM's
+    weights (stored once in the checkpoint): --elmo, the word vocabulary of the training `sentences`, the
+    dropouts, where ELMo enters."""
+    bilm, described = frozen_bilm(args.elmo, args.preset, args.seed, args.elmo_options)
+    if bilm is None and not args.word_dim:
+        raise UserError("--elmo none needs --word-dim > 0 (there would be no features at all)")
+    if args.elmo_at == "output" and not args.word_dim:
+        raise UserError("--elmo-at output needs --word-dim > 0 (the task BiLSTM's input would be empty)")
+    word_vocab = build_vocab(sentences, max_size=10 ** 9) if args.word_dim or bilm is None else None
+    spec = {"bilm_config": asdict(bilm.config) if bilm else None, "word_vocab": word_vocab,
+            "word_dim": args.word_dim, "layer_norm": args.layer_norm, "elmo_dropout": args.elmo_dropout,
+            "elmo_at": args.elmo_at, "encoder": args.encoder, "hidden": args.hidden, "pooling": args.pooling,
+            "dropout": args.dropout, "word_dropout": args.word_dropout, "elmo": described}
+    return spec, bilm.state_dict() if bilm else None
+
+
+def load_classifier(path, kind: str, build_model, device):
+    """A task checkpoint -> (checkpoint, its model in eval mode on `device`)."""
+    ckpt = load_checkpoint(path, kind)
+    model = build_model(ckpt["spec"], ckpt["bilm"])
+    load_task_state(model, ckpt["model"])
+    return ckpt, model.to(device).eval()
+
+
+def resume_checkpoint(args, kind: str) -> dict | None:
+    """--resume: <out>.last.pt, checked to be a `kind` checkpoint; None without --resume."""
+    check_out_dir(args.out)
+    last = last_path(args.out)
+    if not args.resume:
+        return None
+    if not os.path.exists(last):
+        raise UserError(f"--resume: no checkpoint {last} to resume from")
+    return load_checkpoint(last, kind)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The training loop of both task scripts: a plain function each calls once
+# ---------------------------------------------------------------------------------------------------------
+def train_task(model, kind: str, spec: dict, bilm_state, train_lengths, batch_of, evaluate, args, device,
+               resume: dict | None = None, cache_sentences=(), log=log_stdout):
+    """Train a task model on frozen features and keep the best on dev.
+
+    The loop: length-bucketed batches of --batch-size (seed + epoch), cross-entropy (+ --mix-l2 on the
+    mix weights), Adam or SGD on the trainable parameters, an evaluation after each epoch (or every
+    --eval-every steps), until --epochs, --max-steps, --max-minutes or --patience evaluations without a
+    better dev accuracy. The best model goes to --out, the latest state to <out>.last.pt (every evaluation,
+    and on Ctrl-C/SIGTERM), from which --resume continues exactly; a NaN loss stops without saving.
+    batch_of(indices) -> (the model's inputs, labels (B,)); evaluate(model) -> {"accuracy", ...}. The frozen
+    biLM must end as it began (checked)."""
+    last = last_path(args.out)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen_before = {k: v.clone() for k, v in model.features.elmo.bilm.state_dict().items()} \
+        if model.features.elmo is not None else {}
+    opt = task_optimizer(trainable, args.optimizer, args.lr, device)
+    run = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "trained_seconds": 0.0, "best": -1.0, "bad_evals": 0}
+    if resume:
+        load_task_state(model, resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        run = {k: resume[k] for k in run}
+        torch.set_rng_state(resume["rng"]["torch"])
+        log(f"resumed from {last}: step {run['step']}, epoch {run['epoch'] + 1}, best dev accuracy "
+            f"{100 * run['best']:.2f}%")
+    log(f"device {device} | elmo {spec['elmo']} | words {spec['word_dim'] if spec['word_vocab'] else 0}d | "
+        f"encoder {spec['encoder']} | trainable parameters {sum(p.numel() for p in trainable):,}")
+    # the time budget pays for the cache: it is part of what ELMo costs
+    run["trained_seconds"] += cache_layers(model.features, cache_sentences, args.cache, args.out, log)
+
+    def checkpoint(path):
+        if not all_finite(model):
+            abort_nonfinite("the parameters are no longer finite", run["step"], last)
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith("features.elmo.bilm.")}
+        atomic_save({"format": CHECKPOINT_FORMAT, "kind": kind, "spec": spec, "bilm": bilm_state,
+                     "model": state, "optimizer": opt.state_dict(), **run,
+                     "rng": {"torch": torch.get_rng_state()}, "args": vars(args)}, path)
+
+    best_metrics = None
+
+    def run_eval(tag):                       # -> whether training should stop (patience)
+        nonlocal best_metrics
+        t = time.time()
+        metrics = evaluate(model)
+        improved = metrics["accuracy"] > run["best"]
+        run["best"], run["bad_evals"] = (metrics["accuracy"], 0) if improved else (run["best"], run["bad_evals"] + 1)
+        log(f"eval {tag} step {run['step']} | {accuracy_text(metrics)} | {time.time() - t:.1f}s"
+            + (f" | best, saved {args.out}" if improved else f" | best {100 * run['best']:.2f}%"))
+        if improved:
+            best_metrics = metrics
+            checkpoint(args.out)
+        return bool(args.patience and run["bad_evals"] >= args.patience)
+
+    stop = StopSignal(log, last)
+    evaluated_at = train_epochs(model, opt, run, train_lengths, batch_of, args, device, stop, run_eval,
+                                checkpoint, log)
+    if frozen_before:
+        after = model.features.elmo.bilm.state_dict()
+        assert all(torch.equal(v, after[k]) for k, v in frozen_before.items()), "the frozen biLM changed"
+    if stop.name:
+        checkpoint(last)
+        log(f"stopped by {stop.name} at step {run['step']}; saved {last}. Resume with the same command plus "
+            f"--resume")
+        return None
+    if evaluated_at != run["step"]:          # steps since the last evaluation: evaluate what we have
+        run_eval("final")
+    checkpoint(last)                         # after the final evaluation, so --resume knows the final best
+    if not os.path.exists(args.out):
+        checkpoint(args.out)
+    metrics = {**(best_metrics or {"accuracy": run["best"]}), "step": run["step"],
+               "trained_seconds": round(run["trained_seconds"], 1)}
+    write_metrics(args.metrics_json, metrics)
+    log(f"done: {run['step']} steps in {fmt_time(run['trained_seconds'])}; best dev accuracy "
+        f"{100 * run['best']:.2f}%; checkpoints {args.out} (best) and {last} (last)")
+    return metrics
+
+
+def train_epochs(model, opt, run, train_lengths, batch_of, args, device, stop, run_eval, checkpoint, log):
+    """train_task's loop over epochs and steps; `run` holds the position and is updated in place. Returns
+    the step of the last evaluation."""
+    budget_s, evaluated_at = args.max_minutes * 60, -1
+    window = {"loss": 0.0, "correct": 0, "n": 0, "steps": 0, "t": time.time()}
+
+    def evaluate_and_save(tag):              # an evaluation: its time counts, the latest state is saved
+        nonlocal evaluated_at
+        t_eval, evaluated_at = time.time(), run["step"]
+        patience_spent = run_eval(tag)
+        checkpoint(last_path(args.out))
+        run["trained_seconds"] += time.time() - t_eval
+        window["t"] += time.time() - t_eval
+        return patience_spent
+
+    model.train()
+    done = False
+    while not done and run["epoch"] < args.epochs:
+        batches = bucket_batches(train_lengths, 10 ** 9, args.seed + run["epoch"], max_sentences=args.batch_size)
+        epoch_started = run["trained_seconds"]
+        while run["batch_in_epoch"] < len(batches):
+            t_step = time.time()
+            batch = batches[run["batch_in_epoch"]]
+            inputs, labels = batch_of(batch)
+            logits = model(*inputs)
+            y = labels.to(device)
+            loss = F.cross_entropy(logits, y) + args.mix_l2 * model.features.l2_penalty().to(device)
+            if not math.isfinite(loss.item()):
+                abort_nonfinite(f"loss is {loss.item()}", run["step"] + 1, last_path(args.out))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.clip_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_norm)
+            opt.step()
+            run["step"], run["batch_in_epoch"] = run["step"] + 1, run["batch_in_epoch"] + 1
+            run["trained_seconds"] += time.time() - t_step
+            window["loss"] += loss.item() * len(batch)
+            window["correct"] += int((logits.argmax(-1) == y).sum())
+            window["n"] += len(batch)
+            window["steps"] += 1
+            if run["step"] % args.log_every == 0:
+                elapsed = time.time() - window["t"]
+                log(f"step {run['step']:6d} | epoch {run['epoch'] + 1} | loss {window['loss'] / window['n']:.3f} | "
+                    f"train acc {100 * window['correct'] / window['n']:.1f}% | "
+                    f"{1000 * elapsed / window['steps']:.0f} ms/step | {window['n'] / elapsed:,.0f} sent/s | "
+                    f"{fmt_time(run['trained_seconds'])} trained")
+                window.update({"loss": 0.0, "correct": 0, "n": 0, "steps": 0, "t": time.time()})
+            done = bool(args.max_steps and run["step"] >= args.max_steps) \
+                or bool(budget_s and run["trained_seconds"] >= budget_s) or bool(stop.name)
+            if args.eval_every and run["step"] % args.eval_every == 0 and not stop.name:
+                done = evaluate_and_save("periodic") or done
+            if done:
+                break
+        if run["batch_in_epoch"] >= len(batches):
+            run["epoch"], run["batch_in_epoch"] = run["epoch"] + 1, 0
+            if not args.eval_every and not stop.name:
+                tag = f"epoch {run['epoch']} ({run['trained_seconds'] - epoch_started:.0f}s of training)"
+                done = evaluate_and_save(tag) or done
+    return evaluated_at
+
+
+def accuracy_text(metrics: dict) -> str:
+    """The accuracy part of an eval line: one dev set, or each of several (MNLI matched / mismatched)."""
+    if "splits" in metrics:
+        return "accuracy: " + ", ".join(f"{name} {100 * m['accuracy']:.2f}%" for name, m in metrics["splits"].items())
+    return f"dev accuracy {100 * metrics['accuracy']:.2f}%"

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import pickle
+import signal
 import tempfile
 import time
 
@@ -47,6 +48,12 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+def check_out_dir(path: str, flag: str = "--out"):
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} directory does not exist: {folder}")
+
+
 def last_path(out: str) -> str:
     """Where a script keeps its latest state for --resume: lm.pt -> lm.last.pt."""
     return out[:-3] + ".last.pt" if out.endswith(".pt") else out + ".last.pt"
@@ -78,6 +85,22 @@ def abort_nonfinite(what: str, step: int, last: str):
 
 def all_finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+class StopSignal:
+    """Ctrl-C or SIGTERM during training: the first finishes the current step (the loop checks `.name`),
+    writes the last checkpoint and says how to resume; a second stops at once."""
+
+    def __init__(self, log, last: str):
+        self.name, self.log, self.last = None, log, last
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        if self.name:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+        self.log(f"\n{self.name}: finishing this step, then writing {self.last}")
 
 
 def run_main(main):
@@ -163,6 +186,10 @@ class Progress:
             share = 100 * self.done / max(self.total, 1)
             log_stderr(f"{self.what}: {self.done:,}/{self.total:,} {self.unit} ({share:.0f}%)"
                        f" | {rate:,.0f} {self.unit}/s | ETA {fmt_time((self.total - self.done) / max(rate, 1e-9))}")
+
+
+def log_stdout(msg):
+    print(msg, flush=True)
 
 
 def log_stderr(msg):

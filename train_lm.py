@@ -41,7 +41,6 @@ import json
 import math
 import os
 import random
-import signal
 import time
 from dataclasses import asdict
 
@@ -50,8 +49,9 @@ import torch
 import data
 from data import UserError
 from elmo import PRESETS, BiLM, ELMoConfig, bilm_from_checkpoint, count_parameters
-from runtime import (CHECKPOINT_FORMAT, ArgumentParser, abort_nonfinite, all_finite, atomic_save, fmt_time,
-                     last_path, load_checkpoint, pick_device, run_main, write_metrics)
+from runtime import (CHECKPOINT_FORMAT, ArgumentParser, StopSignal, abort_nonfinite, all_finite, atomic_save,
+                     check_out_dir, fmt_time, last_path, load_checkpoint, log_stdout, pick_device, run_main,
+                     write_metrics)
 
 
 def parse_args(argv=None):
@@ -118,8 +118,9 @@ def parse_args(argv=None):
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (auto: cuda > mps > cpu)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="autocast dtype; auto = bfloat16 on cuda, float32 elsewhere")
-    g.add_argument("--lstm-impl", default="auto", choices=["auto", "reference", "fused"],
-                   help="auto: fused nn.LSTM unless clipping is on")
+    g.add_argument("--lstm", default="auto", choices=["auto", "reference", "columns", "fused"],
+                   help="auto: fused nn.LSTM for training, unless clipping is on (then the column-stepping "
+                   "cell); reference: the cell as the equations read")
     g.add_argument("--compile", action="store_true", help="torch.compile the token encoder and the LSTM "
                    "stacks (in place: checkpoints keep their keys); the first steps compile (minutes on a CPU)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
@@ -435,69 +436,51 @@ def initial_biLM(args, log):
     return init
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    log = lambda msg: print(msg, flush=True)   # noqa: E731
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+def eval_only(args, device, autocast, log):
+    """--eval-only: the perplexity of --ckpt on --valid-file, in its training context or --context."""
+    if not args.ckpt or not args.valid_file:
+        raise UserError("--eval-only needs --ckpt PATH and --valid-file FILE")
+    ckpt = load_checkpoint(args.ckpt, "bilm")
+    if not ckpt["config"].get("vocab_size"):
+        raise UserError(f"{args.ckpt} has no LM softmax (converted from published weights, which do not "
+                        f"include it): it gives ELMo vectors, but no perplexity")
+    model = bilm_from_checkpoint(ckpt, args.lstm).to(device)
+    if args.tokenizer == "auto":
+        args.tokenizer = ckpt["args"].get("tokenizer", "auto")
+    context = args.context or ckpt["args"].get("context") or "sentence"
+    valid, _ = load_corpus(args.valid_file, "validation", args, log, vocab=ckpt["vocab"])
+    metrics = evaluate(model, valid, context, args, device, autocast)
+    log(f"eval {args.ckpt} (step {ckpt['step']}) on {' '.join(args.valid_file)}, {context} context: ppl "
+        f"forward {metrics['ppl_forward']:.2f} backward {metrics['ppl_backward']:.2f} mean {metrics['ppl']:.2f}"
+        f" | {metrics['tokens']:,} predictions per direction, {valid.n_unk:,} <unk>")
+    write_metrics(args.metrics_json, metrics)
 
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    # ---- eval-only ----------------------------------------------------------------------------------
-    if args.eval_only:
-        if not args.ckpt or not args.valid_file:
-            raise UserError("--eval-only needs --ckpt PATH and --valid-file FILE")
-        ckpt = load_checkpoint(args.ckpt, "bilm")
-        if not ckpt["config"].get("vocab_size"):
-            raise UserError(f"{args.ckpt} has no LM softmax (converted from published weights, which do not "
-                            f"include it): it gives ELMo vectors, but no perplexity")
-        model = bilm_from_checkpoint(ckpt, args.lstm_impl).to(device)
-        if args.tokenizer == "auto":
-            args.tokenizer = ckpt["args"].get("tokenizer", "auto")
-        context = args.context or ckpt["args"].get("context") or "sentence"
-        valid, _ = load_corpus(args.valid_file, "validation", args, log, vocab=ckpt["vocab"])
-        metrics = evaluate(model, valid, context, args, device, autocast)
-        log(f"eval {args.ckpt} (step {ckpt['step']}) on {' '.join(args.valid_file)}, {context} context: ppl "
-            f"forward {metrics['ppl_forward']:.2f} backward {metrics['ppl_backward']:.2f} mean {metrics['ppl']:.2f}"
-            f" | {metrics['tokens']:,} predictions per direction, {valid.n_unk:,} <unk>")
-        write_metrics(args.metrics_json, metrics)
-        return
-
-    # ---- processes: one, or torchrun's (see Distributed) ----------------------------------------------
-    dist = Distributed(device)
-    device = dist.device
-    if not dist.main:
-        log = lambda msg: None   # noqa: E731  (rank 0 alone speaks)
-
-    # ---- checkpoint to resume -----------------------------------------------------------------------
+def run_start(args, log):
+    """(the checkpoint --resume continues, the one --init-from starts from); at most one is not None. A
+    resumed run takes its own batching, whatever this command line says."""
     resume = None
     if args.resume:
         if not os.path.exists(last_path(args.out)):
             raise UserError(f"--resume: no checkpoint {last_path(args.out)} to resume from (run without "
                             f"--resume first, with the same --out)")
         resume = load_checkpoint(last_path(args.out), "bilm")
+        for name, old_default in (("context", "sentence"), ("unroll", 20), ("batch_tokens", 2000)):
+            setattr(args, name, resume["args"].get(name, old_default))
     elif args.ckpt:
         raise UserError("--ckpt is for --eval-only; to continue a run use --resume with the same --out")
     init = None if resume else initial_biLM(args, log)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise UserError(f"--out directory does not exist: {out_dir}")
-
-    # ---- data ---------------------------------------------------------------------------------------
-    random.seed(args.seed + dist.rank)        # each rank its own dropout masks; DDP gives all rank 0's weights
-    torch.manual_seed(args.seed + dist.rank)
-    t0 = time.time()
-    if resume:                        # the run's own batching, whatever this command line says
-        for name, old_default in (("context", "sentence"), ("unroll", 20), ("batch_tokens", 2000)):
-            setattr(args, name, resume["args"].get(name, old_default))
+    check_out_dir(args.out)
     args.context = args.context or "sentence"
+    return resume, init
+
+
+def load_data(args, dist, start, log):
+    """The training and validation corpora (token shards, built once by rank 0) and the LM vocabulary:
+    `start`'s (a resumed or --init-from checkpoint), else the training text's most frequent words."""
+    t0 = time.time()
     if not dist.main:                         # rank 0 builds the token shards, the others then open them
         torch.distributed.barrier()
-    start = resume or init                    # a vocabulary to keep, if any
     train, vocab = load_corpus(args.train_file, "train", args, log, vocab=start["vocab"] if start else None)
     valid = load_corpus(args.valid_file, "validation", args, log, vocab)[0] \
         if (args.valid_file or not args.train_file) else None
@@ -508,8 +491,12 @@ def main(argv=None):
            if valid else "no validation data, ")
         + f"vocab {len(vocab):,}, {len(train.types) - len(data.SPECIALS):,} distinct training words, "
           f"{time.time() - t0:.1f}s")
+    return train, valid, vocab
 
-    # ---- model --------------------------------------------------------------------------------------
+
+def build_model(args, start, init, vocab, log):
+    """The biLM: `start`'s architecture, or --preset with the model flags over it (GloVe vectors with
+    --glove); --init-from's weights. -> (model, config)."""
     if start:
         config = ELMoConfig.from_dict(start["config"])
     else:
@@ -519,9 +506,9 @@ def main(argv=None):
             config = ELMoConfig(**{**PRESETS[args.preset], **overrides, "vocab_size": len(vocab)}).validate()
         except ValueError as e:
             raise UserError(f"bad model settings: {e}") from None
-    if args.lstm_impl == "fused" and (config.cell_clip or config.proj_clip):
-        raise UserError("--lstm-impl fused cannot clip: set --cell-clip 0 --proj-clip 0, or use reference")
-    model = BiLM(config, impl=args.lstm_impl)
+    if args.lstm == "fused" and (config.cell_clip or config.proj_clip):
+        raise UserError("--lstm fused cannot clip: set --cell-clip 0 --proj-clip 0, or use reference")
+    model = BiLM(config, impl=args.lstm)
     if args.glove and not start:
         if config.token_encoder != "word":
             raise UserError("--glove needs --token-encoder word")
@@ -530,187 +517,225 @@ def main(argv=None):
                 model.token_encoder.embed.weight[i] = v
     if init:
         model.load_state_dict(init["model"])
-    model.to(device)
+    return model, config
+
+
+def make_optimizer(args, model):
+    """-> (optimizer, its peak learning rate)."""
     lr = args.lr or {"adam": 5e-3, "adagrad": 0.2, "sgd": 1.0}[args.optimizer]
     if args.optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
-    elif args.optimizer == "adagrad":   # the original: initial accumulator 1.0
-        opt = torch.optim.Adagrad(model.parameters(), lr=lr, initial_accumulator_value=1.0)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=lr)
-    step, epoch, batch_in_epoch, trained_s, best = 0, 0, 0, 0.0, float("inf")
-    history = resume.get("history", []) if resume else []     # every validation: the learning curve
+        return torch.optim.Adam(model.parameters(), lr=lr), lr
+    if args.optimizer == "adagrad":   # the original: initial accumulator 1.0
+        return torch.optim.Adagrad(model.parameters(), lr=lr, initial_accumulator_value=1.0), lr
+    return torch.optim.SGD(model.parameters(), lr=lr), lr
+
+
+def restore(resume, model, opt, run, dist, last, log):
+    """--resume: the weights, the optimizer, the position in the data, the best so far, the curve and each
+    rank's random state (older checkpoints: one state for all), into `run` and the objects."""
+    model.load_state_dict(resume["model"])
+    opt.load_state_dict(resume["optimizer"])
+    run.update({k: resume[k] for k in ("step", "epoch", "batch_in_epoch", "trained_seconds", "best")},
+               history=resume.get("history", []))
+    rng = resume["rng"]
+    torch.set_rng_state(rng["torch"][dist.rank] if isinstance(rng["torch"], list) else rng["torch"])
+    random.setstate(_to_tuple(rng["python"][dist.rank] if isinstance(rng["python"], list) else rng["python"]))
+    log(f"resumed from {last}: step {run['step']}, epoch {run['epoch'] + 1}, batch {run['batch_in_epoch']}, "
+        f"best valid ppl {run['best']:.2f}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    log = log_stdout
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    if args.eval_only:
+        return eval_only(args, device, autocast, log)
+
+    # ---- processes: one, or torchrun's (see Distributed) ----------------------------------------------
+    dist = Distributed(device)
+    device = dist.device
+    if not dist.main:
+        log = lambda msg: None   # noqa: E731  (rank 0 alone speaks)
+    resume, init = run_start(args, log)
+
+    # ---- data ---------------------------------------------------------------------------------------
+    random.seed(args.seed + dist.rank)        # each rank its own dropout masks; DDP gives all rank 0's weights
+    torch.manual_seed(args.seed + dist.rank)
+    train, valid, vocab = load_data(args, dist, resume or init, log)
+
+    # ---- model and optimizer ------------------------------------------------------------------------
+    model, config = build_model(args, resume or init, init, vocab, log)
+    model.to(device)
+    opt, lr = make_optimizer(args, model)
+    run = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "trained_seconds": 0.0, "best": float("inf"),
+           "history": []}             # history: every validation, the learning curve
     if resume:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        step, epoch, batch_in_epoch = resume["step"], resume["epoch"], resume["batch_in_epoch"]
-        trained_s, best = resume["trained_seconds"], resume["best"]
-        rng = resume["rng"]                   # one state per rank (older checkpoints: one state)
-        torch.set_rng_state(rng["torch"][dist.rank] if isinstance(rng["torch"], list) else rng["torch"])
-        random.setstate(_to_tuple(rng["python"][dist.rank] if isinstance(rng["python"], list) else rng["python"]))
-        log(f"resumed from {last_path(args.out)}: step {step}, epoch {epoch + 1}, batch {batch_in_epoch}, "
-            f"best valid ppl {best:.2f}")
+        restore(resume, model, opt, run, dist, last_path(args.out), log)
     counts = count_parameters(model)
     log(f"device {device} | dtype {str(dtype).replace('torch.', '')} | lstm {model.lstm_impl} | threads "
-        f"{torch.get_num_threads()} | processes {dist.world} | parameters: biLM {counts['bilm']:,} (without softmax) + softmax "
-        f"{counts['softmax']:,}")
+        f"{torch.get_num_threads()} | processes {dist.world} | parameters: biLM {counts['bilm']:,} (without "
+        f"softmax) + softmax {counts['softmax']:,}")
     log("config " + json.dumps(asdict(config)))
 
-    def checkpoint(best_too: bool):
-        """<out>.last.pt, and --out too when the model is the best so far. Every rank calls this (the
-        stream state and the random states are gathered from all of them); rank 0 writes the one file."""
-        if not all_finite(model):
-            abort_nonfinite("the parameters are no longer finite", step, last_path(args.out))
-        context_state = train_batches.state_dict(dist)
-        rng = dist.gather((torch.get_rng_state(), random.getstate()))
-        if not dist.main:
-            return
-        ckpt = {"format": CHECKPOINT_FORMAT, "kind": "bilm", "config": asdict(config), "vocab": vocab,
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch, "context_state": context_state,
-                "trained_seconds": trained_s, "best": best, "history": history, "args": vars(args),
-                "rng": {"torch": [r[0] for r in rng], "python": [r[1] for r in rng]}}
-        if best_too:
-            atomic_save(ckpt, args.out)
-        atomic_save(ckpt, last_path(args.out))
-
-    # ---- loop ---------------------------------------------------------------------------------------
-    stop = {"signal": None, "agreed": False}
-
-    def on_signal(signum, frame):
-        if stop["signal"]:             # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        stop["signal"] = signal.Signals(signum).name
-        log(f"\n{stop['signal']}: finishing this step, then writing {last_path(args.out)}")
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
+    # ---- the two contexts, then training -------------------------------------------------------------
     char_inputs = config.token_encoder == "char"
     if args.context == "stream":
-        train_batches = StreamBatches(train, max(1, args.batch_tokens // args.unroll), args.unroll, args.seed,
-                                      char_inputs, log, dist.rank, dist.world)
+        batches = StreamBatches(train, max(1, args.batch_tokens // args.unroll), args.unroll, args.seed,
+                                char_inputs, log, dist.rank, dist.world)
     else:
-        train_batches = SentenceBatches(train, args.batch_tokens, args.seed, char_inputs, dist.rank, dist.world)
+        batches = SentenceBatches(train, args.batch_tokens, args.seed, char_inputs, dist.rank, dist.world)
     if args.compile:                   # the distinct-token CNN's data-dependent shapes break its graph: fine
         for module in (model.token_encoder, model.forward_lstm, model.backward_lstm):
             module.compile()
-    lm_loss = dist.wrap(model, find_unused=config.softmax == "adaptive")   # tail clusters may see no target
-    train_batches.start_epoch(epoch)
+    batches.start_epoch(run["epoch"])
     if resume:                         # the carried stream state: resume continues it exactly
-        train_batches.load_state_dict(resume.get("context_state", {}))
-    batches_per_epoch = len(train_batches)
-    total_steps = args.epochs * batches_per_epoch
+        batches.load_state_dict(resume.get("context_state", {}))
+    train_lm(model, opt, lr, run, batches, valid, vocab, config, args, dist, device, autocast, log)
+    return model
+
+
+def train_lm(model, opt, lr, run, batches, valid, vocab, config, args, dist, device, autocast, log):
+    """The pretraining loop: steps of both directions' summed NLL (paper eq. 3) over `batches`, the linear
+    learning-rate decay over the budget, validation each epoch (or every --eval-every steps) with the best
+    model at --out and the latest state at <out>.last.pt, a clean stop on Ctrl-C/SIGTERM (every rank at the
+    same step), a NaN stop; `run` holds the position and is updated in place."""
+    last = last_path(args.out)
+    lm_loss = dist.wrap(model, find_unused=config.softmax == "adaptive")   # tail clusters may see no target
+    total_steps = args.epochs * len(batches)
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
     budget_s = args.max_minutes * 60
 
     def progress():                    # fraction of the budget used: drives the lr schedule and the ETA
-        return max(step / max(total_steps, 1), trained_s / budget_s if budget_s else 0.0)
+        return max(run["step"] / max(total_steps, 1), run["trained_seconds"] / budget_s if budget_s else 0.0)
 
-    def set_lr():
-        scale = 1.0 if args.lr_schedule == "constant" else max(0.0, 1.0 - progress())
-        for group in opt.param_groups:
-            group["lr"] = lr * scale
+    def checkpoint(best_too: bool):
+        """<out>.last.pt, and --out too when the model is the best so far. Every rank calls this (the
+        stream state and the random states are gathered from all of them); rank 0 writes the one file."""
+        if not all_finite(model):
+            abort_nonfinite("the parameters are no longer finite", run["step"], last)
+        context_state = batches.state_dict(dist)
+        rng = dist.gather((torch.get_rng_state(), random.getstate()))
+        if not dist.main:
+            return
+        ckpt = {"format": CHECKPOINT_FORMAT, "kind": "bilm", "config": asdict(config), "vocab": vocab,
+                "model": model.state_dict(), "optimizer": opt.state_dict(), **run,
+                "context_state": context_state, "args": vars(args),
+                "rng": {"torch": [r[0] for r in rng], "python": [r[1] for r in rng]}}
+        if best_too:
+            atomic_save(ckpt, args.out)
+        atomic_save(ckpt, last)
 
-    def run_eval(tag):
-        nonlocal best
+    def validate(tag):                 # -> (metrics, improved), None without validation data (or off rank 0)
         if valid is None or not dist.main:
             return None
         t = time.time()
         metrics = evaluate(model, valid, args.context, args, device, autocast)
-        improved = metrics["ppl"] < best
+        improved = metrics["ppl"] < run["best"]
         if improved:
-            best = metrics["ppl"]
-        history.append({"step": step, "epoch": round(step / batches_per_epoch, 3),
-                        "trained_seconds": round(trained_s, 1), **metrics})
-        log(f"eval {tag} step {step} | valid ppl forward {metrics['ppl_forward']:.2f} backward "
+            run["best"] = metrics["ppl"]
+        run["history"].append({"step": run["step"], "epoch": round(run["step"] / len(batches), 3),
+                               "trained_seconds": round(run["trained_seconds"], 1), **metrics})
+        log(f"eval {tag} step {run['step']} | valid ppl forward {metrics['ppl_forward']:.2f} backward "
             f"{metrics['ppl_backward']:.2f} mean {metrics['ppl']:.2f} | {time.time() - t:.1f}s"
-            + (f" | best, saved {args.out}" if improved else f" | best {best:.2f}"))
+            + (f" | best, saved {args.out}" if improved else f" | best {run['best']:.2f}"))
         return metrics, improved
 
-    log(f"training ({args.context} context): {batches_per_epoch:,} batches per epoch, up to {total_steps:,} steps"
+    def validate_and_save(tag):        # its time counts in the budget, and the latest state is saved
+        t_eval = time.time()
+        result = validate(tag)
+        checkpoint(best_too=bool(result and result[1]))
+        run["trained_seconds"] += time.time() - t_eval
+        return time.time() - t_eval
+
+    stop, agreed = StopSignal(log, last), False     # agreed: every rank knows of a stop signal
+    log(f"training ({args.context} context): {len(batches):,} batches per epoch, up to {total_steps:,} steps"
         + (f" or {args.max_minutes:g} minutes" if budget_s else ""))
-    metrics, window = None, {"loss_f": 0.0, "loss_b": 0.0, "n_f": 0, "n_b": 0, "steps": 0, "t": time.time()}
+    window = {"loss_f": 0.0, "loss_b": 0.0, "n_f": 0, "n_b": 0, "steps": 0, "t": time.time()}
     model.train()
-    done = step >= total_steps or (budget_s and trained_s >= budget_s)
-    while not done and epoch < args.epochs:
-        while batch_in_epoch < batches_per_epoch:
+    done = run["step"] >= total_steps or (budget_s and run["trained_seconds"] >= budget_s)
+    while not done and run["epoch"] < args.epochs:
+        while run["batch_in_epoch"] < len(batches):
             t_step = time.time()
-            set_lr()
+            scale = 1.0 if args.lr_schedule == "constant" else max(0.0, 1.0 - progress())
+            for group in opt.param_groups:
+                group["lr"] = lr * scale
             with autocast():
-                nll_f, nll_b, n_f, n_b = lm_loss(train_batches, batch_in_epoch, device)
+                nll_f, nll_b, n_f, n_b = lm_loss(batches, run["batch_in_epoch"], device)
             # the mean over the predictions of the *global* batch: DDP averages the ranks' gradients, so
             # each rank scales its sum by world / (all ranks' count); one process: (nll_f + nll_b) / n
             local = float((nll_f + nll_b).detach())
             count, bad = dist.reduce([n_f + n_b, 0.0 if math.isfinite(local) else 1.0])
             if bad:                            # a NaN on any rank stops every rank
                 abort_nonfinite(f"loss is {local if not math.isfinite(local) else 'not finite on another rank'}",
-                                step + 1, last_path(args.out))
+                                run["step"] + 1, last)
             loss = (nll_f + nll_b) / (count / dist.world)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if args.clip_norm:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_norm)
             opt.step()
-            step += 1
-            batch_in_epoch += 1
+            run["step"] += 1
+            run["batch_in_epoch"] += 1
             # the ranks agree on the time spent and on a stop signal, so that they stop at the same step
-            trained_s, stopping = dist.reduce([trained_s + time.time() - t_step, bool(stop["signal"])], "max")
-            stop["agreed"] = bool(stopping)
-            window["loss_f"] += nll_f.item()
-            window["loss_b"] += nll_b.item()
-            window["n_f"] += n_f
-            window["n_b"] += n_b
-            window["steps"] += 1
-            if step % args.log_every == 0 or step == 1:
-                elapsed = time.time() - window["t"]
-                loss_f, loss_b, n_f, n_b = dist.reduce([window[k] for k in ("loss_f", "loss_b", "n_f", "n_b")])
-                lf, lb = loss_f / n_f, loss_b / n_b
-                eta = (trained_s / progress() - trained_s) if progress() > 0 else 0
-                log(f"step {step:6d} | epoch {epoch + 1} | loss {(lf + lb) / 2:.3f} | ppl fwd {perplexity(lf):7.1f} "
-                    f"bwd {perplexity(lb):7.1f} mean {perplexity((lf + lb) / 2):7.1f} | lr {opt.param_groups[0]['lr']:.2e} | "
-                    f"{1000 * elapsed / window['steps']:.0f} ms/step | {n_f / elapsed:,.0f} tok/s | "
-                    f"ETA {fmt_time(eta)}")
+            run["trained_seconds"], stopping = dist.reduce(
+                [run["trained_seconds"] + time.time() - t_step, bool(stop.name)], "max")
+            agreed = bool(stopping)
+            for key, value in (("loss_f", nll_f.item()), ("loss_b", nll_b.item()), ("n_f", n_f), ("n_b", n_b),
+                               ("steps", 1)):
+                window[key] += value
+            if run["step"] % args.log_every == 0 or run["step"] == 1:
+                log_step(window, run, opt, progress(), dist, log)
                 window = {"loss_f": 0.0, "loss_b": 0.0, "n_f": 0, "n_b": 0, "steps": 0, "t": time.time()}
-            done = step >= total_steps or bool(budget_s and trained_s >= budget_s) or stop["agreed"]
-            if args.eval_every and step % args.eval_every == 0 and not done:
-                t_eval = time.time()
-                result = run_eval("periodic")
-                checkpoint(best_too=bool(result and result[1]))
-                trained_s += time.time() - t_eval
-                window["t"] += time.time() - t_eval
+            done = run["step"] >= total_steps or bool(budget_s and run["trained_seconds"] >= budget_s) \
+                or agreed
+            if args.eval_every and run["step"] % args.eval_every == 0 and not done:
+                window["t"] += validate_and_save("periodic")
             if done:
                 break
-        if batch_in_epoch >= batches_per_epoch:
-            epoch, batch_in_epoch = epoch + 1, 0
-            train_batches.start_epoch(epoch)
-            if not done and not args.eval_every and epoch < args.epochs:
-                t_eval = time.time()
-                result = run_eval(f"epoch {epoch}")
-                checkpoint(best_too=bool(result and result[1]))
-                trained_s += time.time() - t_eval
-                window["t"] += time.time() - t_eval
-            done = done or epoch >= args.epochs
+        if run["batch_in_epoch"] >= len(batches):
+            run["epoch"], run["batch_in_epoch"] = run["epoch"] + 1, 0
+            batches.start_epoch(run["epoch"])
+            if not done and not args.eval_every and run["epoch"] < args.epochs:
+                window["t"] += validate_and_save(f"epoch {run['epoch']}")
+            done = done or run["epoch"] >= args.epochs
 
     # ---- end: final evaluation and checkpoints ------------------------------------------------------
-    if stop["agreed"]:
+    if agreed:
         checkpoint(best_too=False)
-        log(f"stopped by {stop['signal'] or 'a signal to another rank'} at step {step}; saved "
-            f"{last_path(args.out)}. Resume with the same command plus --resume")
-        del lm_loss                    # DDP's reducer goes before its process group
-        dist.close()
-        return model
-    result = run_eval("final")
-    checkpoint(best_too=result is None or result[1])   # after the final evaluation: --resume knows the best
-    if result:
-        metrics = result[0]
-        write_metrics(args.metrics_json, {**metrics, "step": step, "trained_seconds": round(trained_s, 1),
-                                          "history": history})
-    log(f"done: {step} steps in {fmt_time(trained_s)} of training; best valid ppl {best:.2f}; "
-        f"checkpoints {args.out} (best) and {last_path(args.out)} (last)")
+        log(f"stopped by {stop.name or 'a signal to another rank'} at step {run['step']}; saved {last}. "
+            f"Resume with the same command plus --resume")
+    else:
+        result = validate("final")
+        checkpoint(best_too=result is None or result[1])   # after the final evaluation: --resume knows the best
+        if result:
+            write_metrics(args.metrics_json, {**result[0], "step": run["step"],
+                                              "trained_seconds": round(run["trained_seconds"], 1),
+                                              "history": run["history"]})
+        log(f"done: {run['step']} steps in {fmt_time(run['trained_seconds'])} of training; best valid ppl "
+            f"{run['best']:.2f}; checkpoints {args.out} (best) and {last} (last)")
     del lm_loss                        # DDP's reducer goes before its process group
     dist.close()
-    return model
+
+
+def log_step(window, run, opt, progress, dist, log):
+    """The progress line: losses and perplexities of both directions since the last line (summed over the
+    ranks), the learning rate, the speed, the time left."""
+    elapsed = time.time() - window["t"]
+    loss_f, loss_b, n_f, n_b = dist.reduce([window[k] for k in ("loss_f", "loss_b", "n_f", "n_b")])
+    lf, lb = loss_f / n_f, loss_b / n_b
+    eta = (run["trained_seconds"] / progress - run["trained_seconds"]) if progress > 0 else 0
+    log(f"step {run['step']:6d} | epoch {run['epoch'] + 1} | loss {(lf + lb) / 2:.3f} | ppl fwd {perplexity(lf):7.1f} "
+        f"bwd {perplexity(lb):7.1f} mean {perplexity((lf + lb) / 2):7.1f} | lr {opt.param_groups[0]['lr']:.2e} | "
+        f"{1000 * elapsed / window['steps']:.0f} ms/step | {n_f / elapsed:,.0f} tok/s | ETA {fmt_time(eta)}")
 
 
 def _to_tuple(x):
