@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import PAD_ID, batch_to_ids, bucket_batches, build_vocab
+from data import PAD_ID, batch_to_ids, bucket_batches, build_vocab, write_lm_text
 from elmo import PRESETS, BiLM, ELMoConfig, ElmoEmbedder, length_mask, load_elmo
 from runtime import (CHECKPOINT_FORMAT, StopSignal, UserError, abort_nonfinite, all_finite, atomic_save,
                      check_out_dir, fmt_time, last_path, load_checkpoint, log_stdout, write_metrics)
@@ -317,6 +317,12 @@ def check_task_numbers(args):
                  "hidden", "max_length"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative")
+
+
+def write_task_text(sentences, path: str, log):
+    """--write-lm-text: the task's sentences, one a line, as text for train_lm.py --init-from (paper 3.4)."""
+    n = write_lm_text(sentences, path)
+    log(f"wrote {n:,} sentences to {path} (for train_lm.py --init-from LM --train-file {path})")
 
 
 def features_spec(args, sentences) -> tuple[dict, dict | None]:

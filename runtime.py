@@ -20,6 +20,13 @@ class UserError(Exception):
     exit with status 2; no traceback."""
 
 
+def setup(args) -> torch.device:
+    """The start of every script: --threads (0 = torch's default), then the --device to run on."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return pick_device(args.device)
+
+
 def pick_device(name: str) -> torch.device:
     """'auto' -> cuda > mps > cpu. Asking for a device that is not there is a user error naming those that are."""
     have = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) \

@@ -50,7 +50,7 @@ import data
 from data import UserError
 from elmo import PRESETS, BiLM, ELMoConfig, bilm_from_checkpoint, count_parameters
 from runtime import (CHECKPOINT_FORMAT, ArgumentParser, StopSignal, abort_nonfinite, all_finite, atomic_save,
-                     check_out_dir, fmt_time, last_path, load_checkpoint, log_stdout, pick_device, run_main,
+                     check_out_dir, fmt_time, last_path, load_checkpoint, log_stdout, run_main, setup,
                      write_metrics)
 
 
@@ -546,10 +546,7 @@ def restore(resume, model, opt, run, dist, last, log):
 
 def main(argv=None):
     args = parse_args(argv)
-    log = log_stdout
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    log, device = log_stdout, setup(args)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
 

@@ -28,8 +28,8 @@ import torch.nn as nn
 import data
 from data import UserError
 from downstream import (BiLstmEncoder, TokenFeatures, check_task_numbers, features_spec, load_classifier,
-                        pool, resume_checkpoint, task_arguments, train_task)
-from runtime import ArgumentParser, log_stdout, pick_device, run_main, write_metrics
+                        pool, resume_checkpoint, task_arguments, train_task, write_task_text)
+from runtime import ArgumentParser, log_stdout, run_main, setup, write_metrics
 
 LABELS = ["entailment", "neutral", "contradiction"]       # GLUE / HF multi_nli order: 0, 1, 2
 HUB = "nyu-mll/multi_nli"
@@ -222,15 +222,11 @@ def predict_or_evaluate(args, device, log):
     write_metrics(args.metrics_json, metrics)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# main
-# ---------------------------------------------------------------------------------------------------------
 def main(argv=None):
+    """--predict / --eval-only with a checkpoint, or: read the sentence pairs, build the pair classifier on
+    the frozen biLM's features (or word embeddings alone), train it with downstream.train_task."""
     args = parse_args(argv)
-    log = log_stdout
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    log, device = log_stdout, setup(args)
     if args.predict is not None or args.eval_only:
         return predict_or_evaluate(args, device, log)
     resume = resume_checkpoint(args, "mnli")
@@ -238,12 +234,9 @@ def main(argv=None):
     # ---- data ---------------------------------------------------------------------------------------
     random.seed(args.seed)
     train = load_split(args, "train")
-    if args.write_lm_text:
-        sentences = list(dict.fromkeys(tuple(s) for example in train for s in example[:2]))   # each once
-        n = data.write_lm_text(sentences, args.write_lm_text)
-        log(f"wrote {n:,} sentences to {args.write_lm_text} (for train_lm.py --init-from LM --train-file "
-            f"{args.write_lm_text})")
-        return
+    if args.write_lm_text:       # premises and hypotheses, each once
+        sentences = list(dict.fromkeys(tuple(s) for example in train for s in example[:2]))
+        return write_task_text(sentences, args.write_lm_text, log)
     dev = load_split(args, "dev")
     log(f"data: train {len(train):,} pairs, dev " + ", ".join(f"{k} {len(v):,}" for k, v in dev.items())
         + f" pairs; labels {LABELS}")

@@ -29,8 +29,8 @@ import torch.nn as nn
 import data
 from data import UserError
 from downstream import (BiLstmEncoder, TokenFeatures, check_task_numbers, features_spec, load_classifier,
-                        pool, resume_checkpoint, task_arguments, train_task)
-from runtime import ArgumentParser, log_stdout, pick_device, run_main, write_metrics
+                        pool, resume_checkpoint, task_arguments, train_task, write_task_text)
+from runtime import ArgumentParser, log_stdout, run_main, setup, write_metrics
 
 LABELS = {"sst2": ["negative", "positive"],
           "sst5": ["very negative", "negative", "neutral", "positive", "very positive"]}
@@ -287,15 +287,11 @@ def predict_or_evaluate(args, device, log):
     write_metrics(args.metrics_json, metrics)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# main
-# ---------------------------------------------------------------------------------------------------------
 def main(argv=None):
+    """--predict / --eval-only with a checkpoint, or: read SST, build the classifier on the frozen biLM's
+    features (or word embeddings alone), train it with downstream.train_task."""
     args = parse_args(argv)
-    log = log_stdout
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    log, device = log_stdout, setup(args)
     if args.predict is not None or args.eval_only:
         return predict_or_evaluate(args, device, log)
     resume = resume_checkpoint(args, "sst")
@@ -303,11 +299,8 @@ def main(argv=None):
     # ---- data ---------------------------------------------------------------------------------------
     random.seed(args.seed)
     train = load_split(args, "train")
-    if args.write_lm_text:
-        n = data.write_lm_text(data.maximal_phrases([tokens for tokens, _ in train]), args.write_lm_text)
-        log(f"wrote {n:,} sentences to {args.write_lm_text} (for train_lm.py --init-from LM --train-file "
-            f"{args.write_lm_text})")
-        return
+    if args.write_lm_text:       # each sentence once, not every sub-phrase of it again
+        return write_task_text(data.maximal_phrases([tokens for tokens, _ in train]), args.write_lm_text, log)
     dev = load_split(args, "dev")
     log(f"data: {args.task} train {len(train):,} examples, dev {len(dev):,} examples; labels {LABELS[args.task]}")
 
