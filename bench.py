@@ -42,7 +42,7 @@ import torch
 import data
 from data import UserError
 from elmo import PRESETS, BiLM, ELMoConfig, count_parameters, load_elmo
-from runtime import ArgumentParser, pick_device, run_main
+from runtime import ArgumentParser, check_numbers, pick_device, run_main
 
 
 def parse_args(argv=None):
@@ -79,8 +79,9 @@ def parse_args(argv=None):
         args.batch = [tuple(int(n) for n in b.lower().split("x")) for b in args.batch]
     except ValueError:
         raise UserError(f"--batch takes BxT, e.g. 32x25, not {args.batch}") from None
-    if any(len(b) != 2 or min(b) < 1 for b in args.batch) or args.repeats < 1 or args.warmup < 0:
-        raise UserError("--batch needs BxT with B, T >= 1; --repeats >= 1; --warmup >= 0")
+    if any(len(b) != 2 or min(b) < 1 for b in args.batch):
+        raise UserError(f"--batch needs BxT with B, T >= 1, not {' '.join('x'.join(map(str, b)) for b in args.batch)}")
+    check_numbers(args, {"threads": (0, None), "vocab_size": (5, None), "warmup": (0, None), "repeats": (1, None)})
     return args
 
 

@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from runtime import UserError  # noqa: F401  (also for the scripts: `from data import UserError`)
+from runtime import UserError, disk_full, is_disk_full  # UserError also for the scripts: `from data import UserError`
 
 MAX_CHARS = 50                      # W: characters per token, word marks included (as the original)
 PAD_ID = 0                          # padding token: char id 0 and word id 0
@@ -131,6 +131,8 @@ def check_file(path: str, what: str = "file") -> str:
         raise UserError(f"{what} not found: {path}")
     if os.path.isdir(path):
         raise UserError(f"{what} is a directory, expected a file: {path}")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{what} is empty (0 bytes): {path}")
     return path
 
 
@@ -386,7 +388,10 @@ def token_shard(source: dict, cache_dir: str, tokenizer: str, max_length: int, e
       lengths.i32  words per sentence (for --context sentence)
       words.tsv    word<TAB>count, SPECIALS first, then by falling frequency
       meta.json    what was built from what; written last, so a folder without it is not a shard
-    Built in a temporary folder and renamed into place: an interrupted build leaves no half shard."""
+    Built in a temporary folder and renamed into place: an interrupted build leaves no half shard, and the
+    temporary folder of a build that was killed (kill -9, a lost machine) is removed by the next build in the
+    same cache, once no process holds its lock. A full disk stops the build with one line (exit status 4)
+    saying how much room it needs."""
     if "files" in source:
         files = [os.path.abspath(check_file(p)) for p in source["files"]]
         described = [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in files]
@@ -408,7 +413,9 @@ def token_shard(source: dict, cache_dir: str, tokenizer: str, max_length: int, e
         os.makedirs(cache_dir, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the --data-cache folder {cache_dir}: {e.strerror}") from None
+    remove_abandoned_builds(cache_dir, log)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=cache_dir)
+    lock = _hold_lock(tmp)        # while this process lives, no other build takes the folder for a leftover
     try:
         _build_shard(source, tmp, key, digest, workers, log)
         try:
@@ -417,9 +424,54 @@ def token_shard(source: dict, cache_dir: str, tokenizer: str, max_length: int, e
             if not os.path.exists(os.path.join(path, "meta.json")):
                 raise
         log(f"token shard {path}: written")
+    except Exception as e:        # noqa: BLE001  (datasets wraps the OSError of a full disk in its own errors)
+        if any(is_disk_full(x) for x in (e, e.__cause__, e.__context__)):
+            text = sum(os.path.getsize(p) for p in source["files"]) if "files" in source else 0
+            raise disk_full(f"the token shard {path}", "the half-built shard was removed (building takes "
+                            "about three times the text's size)", needed=3 * text) from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if lock is not None:
+            lock.close()
     return path
+
+
+def _hold_lock(folder: str):
+    """An exclusive lock on `folder`/.lock, held as long as the returned file is open (the OS drops it when
+    the process ends, however it ends). None where the OS has no flock."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    f = open(os.path.join(folder, ".lock"), "w")
+    fcntl.flock(f, fcntl.LOCK_EX)
+    return f
+
+
+def remove_abandoned_builds(cache_dir: str, log):
+    """Remove the temporary folders (NAME.XXXX.tmp) of shard builds that were killed: those whose .lock no
+    live process holds. A folder without a .lock (killed in the instant between creating it and locking it)
+    is removed once it is an hour old. Never reused: a new build starts clean."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    for name in os.listdir(cache_dir):
+        folder = os.path.join(cache_dir, name)
+        if not (name.endswith(".tmp") and os.path.isdir(folder)):
+            continue
+        try:
+            with open(os.path.join(folder, ".lock")) as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)     # fails while its builder lives
+        except FileNotFoundError:
+            if time.time() - os.path.getmtime(folder) < 3600:
+                continue
+        except OSError:
+            continue
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
+        shutil.rmtree(folder, ignore_errors=True)
+        log(f"removed {folder}: the leftovers of an interrupted shard build ({size / 2 ** 20:,.1f} MiB)")
 
 
 def shard_words(path: str) -> tuple[list[str], list[int]]:

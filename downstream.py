@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from data import PAD_ID, batch_to_ids, bucket_batches, build_vocab, write_lm_text
 from elmo import PRESETS, BiLM, ELMoConfig, ElmoEmbedder, length_mask, load_elmo
 from runtime import (CHECKPOINT_FORMAT, StopSignal, UserError, abort_nonfinite, all_finite, atomic_save,
-                     check_out_dir, fmt_time, last_path, load_checkpoint, log_stdout, write_metrics)
+                     check_numbers, check_out_dir, fmt_time, last_path, load_checkpoint, log_stdout,
+                     refuse_overwrite, write_metrics)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -305,6 +306,9 @@ def task_arguments(p, out_default: str):
     ckpt = p.add_argument_group("checkpoints")
     ckpt.add_argument("--out", default=out_default, help="best checkpoint; the latest goes to <out>.last.pt")
     ckpt.add_argument("--resume", action="store_true", help="continue from <out>.last.pt")
+    ckpt.add_argument("--overwrite", action="store_true", help="start over even if --out or <out>.last.pt "
+                      "exists (without it or --resume, an existing one is an error); also lets "
+                      "--write-lm-text replace its file")
     ckpt.add_argument("--eval-only", action="store_true", help="evaluate --ckpt on --test-file and exit")
     ckpt.add_argument("--ckpt", help="classifier checkpoint for --eval-only / --predict")
     ckpt.add_argument("--test-file", help="file for --eval-only")
@@ -313,14 +317,19 @@ def task_arguments(p, out_default: str):
 
 
 def check_task_numbers(args):
-    for name in ("max_steps", "max_minutes", "epochs", "batch_size", "patience", "eval_every", "threads",
-                 "hidden", "max_length"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must not be negative")
+    """Every numeric flag of the task scripts in its range, each error naming its flag (runtime.check_numbers)."""
+    check_numbers(args, {"hidden": (1, None), "word_dim": (0, None), "elmo_dropout": (0, 0.99),
+                         "dropout": (0, 0.99), "word_dropout": (0, 0.99), "mix_l2": (0, None),
+                         "max_length": (1, None), "lr": ((0,), None), "clip_norm": (0, None),
+                         "batch_size": (1, None), "epochs": (1, None), "max_steps": (0, None),
+                         "max_minutes": (0, None), "patience": (0, None), "eval_every": (0, None),
+                         "threads": (0, None), "log_every": (1, None)})
 
 
-def write_task_text(sentences, path: str, log):
+def write_task_text(sentences, path: str, overwrite: bool, log):
     """--write-lm-text: the task's sentences, one a line, as text for train_lm.py --init-from (paper 3.4)."""
+    refuse_overwrite([path], overwrite)
+    check_out_dir(path, "--write-lm-text")
     n = write_lm_text(sentences, path)
     log(f"wrote {n:,} sentences to {path} (for train_lm.py --init-from LM --train-file {path})")
 
@@ -351,10 +360,13 @@ def load_classifier(path, kind: str, build_model, device):
 
 
 def resume_checkpoint(args, kind: str) -> dict | None:
-    """--resume: <out>.last.pt, checked to be a `kind` checkpoint; None without --resume."""
+    """--resume: <out>.last.pt, checked to be a `kind` checkpoint; None without --resume, when neither --out
+    nor <out>.last.pt may exist yet (unless --overwrite)."""
     check_out_dir(args.out)
     last = last_path(args.out)
     if not args.resume:
+        if not args.write_lm_text:
+            refuse_overwrite([args.out, last], args.overwrite, resume_flag=True)
         return None
     if not os.path.exists(last):
         raise UserError(f"--resume: no checkpoint {last} to resume from")

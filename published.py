@@ -20,7 +20,7 @@ import os
 import torch
 
 from data import MAX_CHARS, check_file
-from runtime import CHECKPOINT_FORMAT, UserError
+from runtime import CHECKPOINT_FORMAT, UserError, disk_full, is_disk_full
 
 
 def find_options(weights: str, options: str | None = None) -> str:
@@ -238,6 +238,11 @@ def export_official(config: dict, state: dict, out_dir: str) -> tuple[str, str]:
                 h5.create_dataset(name, data=array)
         for t, p in zip(tmp, paths):
             os.replace(t, p)
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full(paths[1], f"nothing in {out_dir} was replaced",
+                            needed=sum(a.nbytes for a in arrays.values())) from None
+        raise
     finally:
         for t in tmp:
             if os.path.exists(t):

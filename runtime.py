@@ -1,23 +1,116 @@
-"""The plumbing every script shares: the argument parser, devices, checkpoints on disk, metrics files, log
-and progress lines, one-line errors. Nothing here knows about ELMo; the model and the scripts build on it."""
+"""The plumbing every script shares: errors and exit statuses, the argument parser, devices, files written
+atomically (checkpoints, metrics) and loaded safely, the Ctrl-C/SIGTERM handler, log and progress lines.
+Nothing here knows about ELMo; the model and the scripts build on it.
+
+Exit statuses, the same for every script and tool:
+    0  done
+    2  a user error: a bad flag or value, a missing, empty or malformed file, an --out that exists. One line
+       on stderr says what was wrong and what to do; nothing is written.
+    3  the loss or the weights stopped being finite: training stops without saving and names the last good
+       checkpoint, which it leaves as it is.
+    4  the disk filled while writing: the half-written file is removed (an interrupted `embed` keeps its
+       .partial file, to continue from), what was there before is intact, and the line says so.
+"""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import os
 import pickle
 import signal
+import sys
 import tempfile
 import time
 
 import torch
 
 CHECKPOINT_FORMAT = "elmo-pytorch/1"  # bump when the checkpoint layout changes incompatibly
+EXIT_USER_ERROR, EXIT_NONFINITE, EXIT_DISK_FULL = 2, 3, 4
 
 
 class UserError(Exception):
     """A problem the user can fix (a bad path, a bad flag, a bad file). Scripts print it as one line and
     exit with status 2; no traceback."""
+
+
+class DiskFull(Exception):
+    """The disk filled while a file was written. Printed as one line; exit status 4."""
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """ENOSPC or EDQUOT, also as libraries report it (h5py puts the errno in the message only)."""
+    if not isinstance(e, OSError):
+        return False
+    return e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e) \
+        or "errno = 28" in str(e)
+
+
+def disk_full(path: str, intact: str, needed: int = 0) -> DiskFull:
+    """The one message for a full disk: the file, how much it needed when that is known, what is intact."""
+    need = f" (it needs about {needed / 2 ** 20:,.0f} MiB)" if needed else ""
+    return DiskFull(f"no space left on the device writing {path}{need}; {intact}. Free some space (or "
+                    f"write elsewhere) and run the same command again")
+
+
+def run_main(main):
+    """Run a script's main(): a UserError becomes one line on stderr and exit status 2, a full disk one line
+    and exit status 4. Anything else is a bug, and keeps its traceback."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except DiskFull as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_DISK_FULL)
+    except OSError as e:           # a write that no atomic_write guarded (a library's own file)
+        if not is_disk_full(e):
+            raise
+        print(f"error: no space left on the device ({e.filename or 'while writing'}): free some space and run "
+              f"the same command again", file=sys.stderr)
+        sys.exit(EXIT_DISK_FULL)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command line: one-line usage errors, numbers checked per flag, the device
+# ---------------------------------------------------------------------------------------------------------
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors (unknown or misspelt flags, bad values) are one line and exit 2, and
+    whose --help shows the module docstring as written plus every default."""
+
+    class Formatter(argparse.RawDescriptionHelpFormatter):
+        def _get_help_string(self, action):   # append the default, where there is one worth showing
+            if action.default not in (None, False, argparse.SUPPRESS) and "default" not in (action.help or ""):
+                return (action.help or "") + " (default: %(default)s)"
+            return action.help
+
+    def __init__(self, description=None, **kwargs):
+        super().__init__(description=description, formatter_class=self.Formatter, **kwargs)
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def check_numbers(args, rules: dict):
+    """Each numeric flag against its range, the error naming the flag that was typed. rules: {dest: (low,
+    high)}, None for no bound; a low bound in a 1-tuple is exclusive: ((0,), None) means "greater than 0".
+    NaN and infinity fail every rule; a flag left at None (not given, no default) or that this command does
+    not have is not checked."""
+    for name, (low, high) in rules.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{flag} must be a finite number, not {value}")
+        exclusive = isinstance(low, tuple)
+        bound = low[0] if exclusive else low
+        if bound is not None and (value <= bound if exclusive else value < bound):
+            raise UserError(f"{flag} must be {'greater than' if exclusive else 'at least'} {bound}, not {value}")
+        if high is not None and value > high:
+            raise UserError(f"{flag} must be at most {high}, not {value}")
 
 
 def setup(args) -> torch.device:
@@ -38,21 +131,12 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors (unknown or misspelt flags, bad values) are one line and exit 2, and
-    whose --help shows the module docstring as written plus every default."""
-
-    class Formatter(argparse.RawDescriptionHelpFormatter):
-        def _get_help_string(self, action):   # append the default, where there is one worth showing
-            if action.default not in (None, False, argparse.SUPPRESS) and "default" not in (action.help or ""):
-                return (action.help or "") + " (default: %(default)s)"
-            return action.help
-
-    def __init__(self, description=None, **kwargs):
-        super().__init__(description=description, formatter_class=self.Formatter, **kwargs)
-
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")
+# ---------------------------------------------------------------------------------------------------------
+# Files: written atomically, never over a finished result unless asked; checkpoints loaded safely
+# ---------------------------------------------------------------------------------------------------------
+def last_path(out: str) -> str:
+    """Where a script keeps its latest state for --resume: lm.pt -> lm.last.pt."""
+    return out[:-3] + ".last.pt" if out.endswith(".pt") else out + ".last.pt"
 
 
 def check_out_dir(path: str, flag: str = "--out"):
@@ -61,82 +145,34 @@ def check_out_dir(path: str, flag: str = "--out"):
         raise UserError(f"{flag} directory does not exist: {folder}")
 
 
-def last_path(out: str) -> str:
-    """Where a script keeps its latest state for --resume: lm.pt -> lm.last.pt."""
-    return out[:-3] + ".last.pt" if out.endswith(".pt") else out + ".last.pt"
+def refuse_overwrite(paths, overwrite: bool, resume_flag: bool = False):
+    """A finished result is never replaced by accident: if one of `paths` exists, stop with one line naming
+    --overwrite (and --resume, for the training scripts), unless --overwrite was given."""
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing and not overwrite:
+        also = "pass --resume to continue that run, or " if resume_flag else "pass "
+        raise UserError(f"{existing[0]} exists; {also}--overwrite to replace it")
 
 
-def write_metrics(path, metrics: dict):
-    """--metrics-json: written atomically, like the checkpoints."""
-    if path:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(metrics, f, indent=2)
-        os.replace(tmp, path)
-
-
-def fmt_time(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def abort_nonfinite(what: str, step: int, last: str):
-    """A NaN/inf loss or weight: stop with exit status 3, naming the step and the last good checkpoint,
-    which is left as it is (the scripts call this *before* writing a checkpoint)."""
-    import sys
-    good = last if os.path.exists(last) else "none written yet"
-    print(f"error: {what} at step {step}; stopping without saving. Last good checkpoint: {good}. "
-          f"Try a lower --lr.", file=sys.stderr)
-    sys.exit(3)
-
-
-def all_finite(model: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
-class StopSignal:
-    """Ctrl-C or SIGTERM during training: the first finishes the current step (the loop checks `.name`),
-    writes the last checkpoint and says how to resume; a second stops at once."""
-
-    def __init__(self, log, last: str):
-        self.name, self.log, self.last = None, log, last
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
-
-    def handle(self, signum, frame):
-        if self.name:
-            raise KeyboardInterrupt
-        self.name = signal.Signals(signum).name
-        self.log(f"\n{self.name}: finishing this step, then writing {self.last}")
-
-
-def run_main(main):
-    """Run a script's main(): a UserError becomes one line on stderr and exit status 2."""
-    import sys
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoints: self-describing, tensors and plain containers only, loaded with weights_only=True.
-# ---------------------------------------------------------------------------------------------------------
-def atomic_save(obj, path: str):
-    """Write to a temporary file in the same directory, fsync, then rename over `path`: a crash or a kill
-    at any instant leaves either the old file or the new one, never half of one."""
+def atomic_write(path: str, write):
+    """Write `path` through `write(binary_file)` into a temporary file in the same folder, fsync, then rename
+    over `path`: a crash or a kill at any instant leaves either the old file or the new one, never half of
+    one. A full disk removes the temporary file and raises DiskFull; `path` is left as it was."""
     directory = os.path.dirname(os.path.abspath(path))
+    existed = os.path.exists(path)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if is_disk_full(e) or is_disk_full(e.__cause__) or is_disk_full(e.__context__):
+            intact = f"the previous {os.path.basename(path)} is intact" if existed else "nothing was written there"
+            raise disk_full(path, intact) from None
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(directory, os.O_RDONLY)
@@ -144,6 +180,17 @@ def atomic_save(obj, path: str):
         os.close(dir_fd)
     except OSError:
         pass
+
+
+def atomic_save(obj, path: str):
+    """torch.save through `atomic_write`: the previous checkpoint survives a crash, a kill or a full disk."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def write_metrics(path, metrics: dict):
+    """--metrics-json: written atomically, like the checkpoints."""
+    if path:
+        atomic_write(path, lambda f: f.write(json.dumps(metrics, indent=2).encode()))
 
 
 def load_checkpoint(path: str, kind: str | tuple | None = None) -> dict:
@@ -177,6 +224,54 @@ def load_checkpoint(path: str, kind: str | tuple | None = None) -> dict:
     return ckpt
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Training runs: a non-finite loss, a stop signal
+# ---------------------------------------------------------------------------------------------------------
+def abort_nonfinite(what: str, step: int, last: str):
+    """A NaN/inf loss or weight: stop with exit status 3, naming the step and the last good checkpoint,
+    which is left as it is (the scripts call this *before* writing a checkpoint)."""
+    good = last if os.path.exists(last) else "none written yet"
+    print(f"error: {what} at step {step}; stopping without saving. Last good checkpoint: {good}. "
+          f"Try a lower --lr.", file=sys.stderr)
+    sys.exit(EXIT_NONFINITE)
+
+
+def all_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+class StopSignal:
+    """Ctrl-C or SIGTERM during training: the first finishes the current step (the loop checks `.name`),
+    writes the last checkpoint and says how to resume; a second stops at once."""
+
+    def __init__(self, log, last: str):
+        self.name, self.log, self.last = None, log, last
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        if self.name:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+        self.log(f"\n{self.name}: finishing this step, then writing {self.last}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output: log lines (results on stdout, the tools' notes on stderr), progress, times
+# ---------------------------------------------------------------------------------------------------------
+def log_stdout(msg):
+    print(msg, flush=True)
+
+
+def log_stderr(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 class Progress:
     """A progress line on stderr every few seconds: done / total, rate, ETA."""
 
@@ -193,13 +288,3 @@ class Progress:
             share = 100 * self.done / max(self.total, 1)
             log_stderr(f"{self.what}: {self.done:,}/{self.total:,} {self.unit} ({share:.0f}%)"
                        f" | {rate:,.0f} {self.unit}/s | ETA {fmt_time((self.total - self.done) / max(rate, 1e-9))}")
-
-
-def log_stdout(msg):
-    print(msg, flush=True)
-
-
-def log_stderr(msg):
-    """The commands' progress and notes go to stderr; stdout is for results."""
-    import sys
-    print(msg, file=sys.stderr, flush=True)

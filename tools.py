@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from data import batch_to_ids
 from elmo import BiLM, load_elmo
 from published import convert_official, export_official
-from runtime import ArgumentParser, Progress, UserError, atomic_save, fmt_time, log_stderr, pick_device, run_main
+from runtime import (ArgumentParser, Progress, UserError, atomic_save, check_numbers, check_out_dir, disk_full,
+                     fmt_time, is_disk_full, log_stderr, pick_device, refuse_overwrite, run_main)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -82,7 +83,7 @@ def embed_file(bilm: BiLM, input_path: str, output: str, layers: str = "all", ba
     if h5 is None:
         h5 = h5py.File(partial, "w")
         h5.attrs["job"] = job
-    try:
+    try:            # on any failure the partial file stays behind, closed, for the same command to continue
         todo = [i for i in range(len(sentences)) if str(i) not in h5]
         progress = Progress("embed", sum(len(sentences[i]) for i in todo), "tokens")
         for n, (i, vectors) in enumerate(embed_sentences(bilm, [sentences[i] for i in todo], batch_size,
@@ -98,8 +99,16 @@ def embed_file(bilm: BiLM, input_path: str, output: str, layers: str = "all", ba
         if "sentence_to_index" in h5:                               # killed just before the rename
             del h5["sentence_to_index"]
         h5.create_dataset("sentence_to_index", (1,), dtype=h5py.string_dtype(), data=[json.dumps(index)])
-    finally:
         h5.close()
+    except BaseException as e:
+        try:
+            h5.close()
+        except Exception:  # noqa: BLE001  (closing after a failed write can fail again; the first error counts)
+            pass
+        if is_disk_full(e):
+            raise disk_full(partial, "it keeps the lines written so far, and the same command continues from "
+                            "it") from None
+        raise
     os.replace(partial, output)
     return len(lines)
 
@@ -169,10 +178,12 @@ def _cli(argv=None):
     q.add_argument("--options", required=True, help="the published options JSON")
     q.add_argument("--weights", required=True, help="the published weights HDF5")
     q.add_argument("--out", required=True, help="checkpoint to write (.pt)")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     q = command("export", "our biLM checkpoint -> DIR/options.json + DIR/weights.hdf5 (the published "
                 "layout, which AllenNLP and bilm-tf read)", "python elmo.py export --elmo lm.pt --out-dir lm_tf")
     q.add_argument("--elmo", required=True, help="a biLM checkpoint (train_lm.py)")
     q.add_argument("--out-dir", required=True, help="folder for options.json and weights.hdf5")
+    q.add_argument("--overwrite", action="store_true", help="replace the two files if the folder has them")
     q = command("embed", "ELMo vectors of every line of a text file -> HDF5 (AllenNLP's `allennlp elmo` "
                 "layout)", "python elmo.py embed --elmo lm.pt --input sentences.txt --output vectors.hdf5")
     elmo_flags(q)
@@ -182,6 +193,7 @@ def _cli(argv=None):
     q.add_argument("--layers", default="all", choices=["all", "top", "average"],
                    help="all: (L+1, n, 2P) per line; top: the last layer (n, 2P); average: their mean")
     q.add_argument("--encoding", default="utf-8", help="of --input")
+    q.add_argument("--overwrite", action="store_true", help="replace --output if it exists (complete)")
     q = command("neighbors", "the paper's Table 4: the nearest other uses of a word, by a layer's cosine",
                 "python elmo.py neighbors --elmo lm.pt --sentences reviews.txt --word play --k 3")
     elmo_flags(q)
@@ -196,11 +208,14 @@ def _cli(argv=None):
     if args.command is None:
         p.print_help()
         return
+    check_numbers(args, {"batch_size": (1, None), "k": (1, None), "show": (0, None), "max_lines": (0, None)})
     {"convert": convert_command, "export": export_command, "embed": embed_command,
      "neighbors": neighbors_command}[args.command](args)
 
 
 def convert_command(args):
+    refuse_overwrite([args.out], args.overwrite)
+    check_out_dir(args.out)
     ckpt = convert_official(args.options, args.weights)
     atomic_save(ckpt, args.out)
     c = ckpt["config"]
@@ -209,26 +224,22 @@ def convert_command(args):
 
 
 def export_command(args):
+    refuse_overwrite([os.path.join(args.out_dir, name) for name in ("options.json", "weights.hdf5")],
+                     args.overwrite)
     bilm = load_elmo(args.elmo)
     paths = export_official(asdict(bilm.config), bilm.state_dict(), args.out_dir)
     print(f"wrote {paths[0]} and {paths[1]} (published layout; no LM softmax)")
 
 
 def frozen_for_tools(args) -> BiLM:
-    """The biLM of `embed` and `neighbors`: frozen, on --device, remembering tokens across batches."""
-    if args.batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
-    bilm = load_elmo(args.elmo, pick_device(args.device), impl=args.lstm, options=args.elmo_options)
-    if bilm.config.token_encoder == "char":
-        bilm.token_encoder.remember_tokens()
-    return bilm
+    """The biLM of `embed` and `neighbors`: frozen (so it remembers tokens across batches), on --device."""
+    return load_elmo(args.elmo, pick_device(args.device), impl=args.lstm, options=args.elmo_options)
 
 
 def embed_command(args):
     from data import check_file
-    folder = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(folder):
-        raise UserError(f"--output folder does not exist: {folder}")
+    check_out_dir(args.output, "--output")
+    refuse_overwrite([args.output], args.overwrite)
     stat = os.stat(check_file(args.input, "--input"))
     bilm = frozen_for_tools(args)
     job = {"input": [os.path.abspath(args.input), stat.st_size, stat.st_mtime_ns],

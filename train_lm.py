@@ -50,7 +50,7 @@ import data
 from data import UserError
 from elmo import PRESETS, BiLM, ELMoConfig, bilm_from_checkpoint, count_parameters
 from runtime import (CHECKPOINT_FORMAT, ArgumentParser, StopSignal, abort_nonfinite, all_finite, atomic_save,
-                     check_out_dir, fmt_time, last_path, load_checkpoint, log_stdout, run_main, setup,
+                     check_numbers, check_out_dir, refuse_overwrite, fmt_time, last_path, load_checkpoint, log_stdout, run_main, setup,
                      write_metrics)
 
 
@@ -131,6 +131,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("checkpoints")
     g.add_argument("--out", default="lm.pt", help="best checkpoint; the latest goes to <out>.last.pt")
     g.add_argument("--resume", action="store_true", help="continue from <out>.last.pt")
+    g.add_argument("--overwrite", action="store_true", help="start over even if --out or <out>.last.pt exists "
+                   "(without it or --resume, an existing one is an error: a finished biLM is not replaced by "
+                   "accident)")
     g.add_argument("--init-from", help="start from this biLM checkpoint: its weights, vocabulary, config and "
                    "tokenizer; a new optimizer and schedule, written to --out. Paper section 3.4: fine-tune "
                    "the biLM on the task's text (labels dropped), then freeze it (train_sst.py / "
@@ -139,14 +142,16 @@ def parse_args(argv=None):
     g.add_argument("--ckpt", help="checkpoint for --eval-only")
     g.add_argument("--metrics-json", help="write the last evaluation here as JSON")
     args = p.parse_args(argv)
-    for name in ("max_steps", "max_minutes", "epochs", "batch_tokens", "max_length", "log_every",
-                 "eval_every", "threads", "vocab_size", "data_workers"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must not be negative")
-    if args.lr is not None and not args.lr > 0:
-        raise UserError("--lr must be positive")
-    if args.unroll < 2 or args.unroll > args.batch_tokens:
-        raise UserError("--unroll must be at least 2 and at most --batch-tokens")
+    check_numbers(args, {"lstm_dim": (1, None), "projection_dim": (1, None), "n_layers": (1, None),
+                         "cell_clip": (0, None), "proj_clip": (0, None), "dropout": (0, 0.99),
+                         "vocab_size": (len(data.SPECIALS) + 1, None), "max_length": (0, None),
+                         "data_workers": (0, None), "lr": ((0,), None), "unroll": (2, None),
+                         "batch_tokens": (1, None), "clip_norm": (0, None), "epochs": (1, None),
+                         "max_steps": (0, None), "max_minutes": (0, None), "threads": (0, None),
+                         "log_every": (1, None), "eval_every": (0, None)})
+    if args.unroll > args.batch_tokens:
+        raise UserError(f"--batch-tokens {args.batch_tokens} is smaller than --unroll {args.unroll}: a stream "
+                        f"batch needs at least one row of --unroll tokens")
     return args
 
 
@@ -339,9 +344,18 @@ class Distributed:
         torch.distributed.all_gather_object(out, obj)
         return out
 
-    def close(self):
-        if self.world > 1:       # no rank tears the group down while another still talks (rank 0 saving)
-            torch.distributed.barrier()
+    # `with Distributed(device) as dist:` destroys the process group on every way out of the run: a finished
+    # run, Ctrl-C, a NaN stop, a user error. A process that exits with its group alive leaves gloo's worker
+    # threads holding work (and tensors) while the interpreter shuts down, which aborts the process at exit
+    # ("terminate called without an active exception", SIGABRT) now and then (PyTorch's c10d documents
+    # destroy_process_group as required at the end of every trainer process, for this reason).
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.world > 1 and torch.distributed.is_initialized():
+            if exc_type is None:  # no rank tears the group down while another still talks (rank 0 saving)
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 
@@ -460,6 +474,8 @@ def run_start(args, log):
     """(the checkpoint --resume continues, the one --init-from starts from); at most one is not None. A
     resumed run takes its own batching, whatever this command line says."""
     resume = None
+    if not args.resume and not args.eval_only:
+        refuse_overwrite([args.out, last_path(args.out)], args.overwrite, resume_flag=True)
     if args.resume:
         if not os.path.exists(last_path(args.out)):
             raise UserError(f"--resume: no checkpoint {last_path(args.out)} to resume from (run without "
@@ -556,8 +572,13 @@ def main(argv=None):
     if args.eval_only:
         return eval_only(args, device, autocast, log)
 
-    # ---- processes: one, or torchrun's (see Distributed) ----------------------------------------------
-    dist = Distributed(device)
+    with Distributed(device) as dist:   # one process, or torchrun's: the group is destroyed on every way out
+        return pretrain(args, dist, dtype, autocast, log)
+
+
+def pretrain(args, dist, dtype, autocast, log):
+    """Everything a training run does, in order: what to start from, the data, the model and optimizer,
+    the training context, the loop. Returns the trained model."""
     device = dist.device
     if not dist.main:
         log = lambda msg: None   # noqa: E731  (rank 0 alone speaks)
@@ -719,8 +740,7 @@ def train_lm(model, opt, lr, run, batches, valid, vocab, config, args, dist, dev
                                               "history": run["history"]})
         log(f"done: {run['step']} steps in {fmt_time(run['trained_seconds'])} of training; best valid ppl "
             f"{run['best']:.2f}; checkpoints {args.out} (best) and {last} (last)")
-    del lm_loss                        # DDP's reducer goes before its process group
-    dist.close()
+    del lm_loss                        # DDP's reducer goes before its process group (see Distributed)
 
 
 def log_step(window, run, opt, progress, dist, log):

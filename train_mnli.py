@@ -236,7 +236,7 @@ def main(argv=None):
     train = load_split(args, "train")
     if args.write_lm_text:       # premises and hypotheses, each once
         sentences = list(dict.fromkeys(tuple(s) for example in train for s in example[:2]))
-        return write_task_text(sentences, args.write_lm_text, log)
+        return write_task_text(sentences, args.write_lm_text, args.overwrite, log)
     dev = load_split(args, "dev")
     log(f"data: train {len(train):,} pairs, dev " + ", ".join(f"{k} {len(v):,}" for k, v in dev.items())
         + f" pairs; labels {LABELS}")

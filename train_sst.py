@@ -300,7 +300,8 @@ def main(argv=None):
     random.seed(args.seed)
     train = load_split(args, "train")
     if args.write_lm_text:       # each sentence once, not every sub-phrase of it again
-        return write_task_text(data.maximal_phrases([tokens for tokens, _ in train]), args.write_lm_text, log)
+        return write_task_text(data.maximal_phrases([tokens for tokens, _ in train]), args.write_lm_text,
+                               args.overwrite, log)
     dev = load_split(args, "dev")
     log(f"data: {args.task} train {len(train):,} examples, dev {len(dev):,} examples; labels {LABELS[args.task]}")
 
