@@ -250,9 +250,8 @@ def pool(h, mask, how: str):
 def task_optimizer(params, name: str, lr: float, device: torch.device) -> torch.optim.Optimizer:
     """The downstream scripts' optimizer: Adam, or SGD with momentum 0.9. Adam runs fused (one pass over
     each parameter instead of a dozen elementwise ops) on CPU and CUDA: on this project's CPU PyTorch's
-    default loop took 7x as long over BCN's 26M parameters (489 against 67 ms, 1 thread), and the fused
-    step makes a whole SST-2 BiLSTM training step 1.5x faster (README). The same update, up to the last
-    bits."""
+    default loop is several times slower over BCN's 26M parameters (measured: RESULTS.md). The same
+    update, up to the last bits."""
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
     return torch.optim.Adam(params, lr=lr, fused=device.type in ("cpu", "cuda") or None)
@@ -446,6 +445,12 @@ def train_task(model, kind: str, spec: dict, bilm_state, train_lengths, batch_of
         checkpoint(args.out)
     metrics = {**(best_metrics or {"accuracy": run["best"]}), "step": run["step"],
                "trained_seconds": round(run["trained_seconds"], 1)}
+    mixes = learned_mixes(load_checkpoint(args.out, kind)["model"], spec.get("elmo_at", "input"))   # the best's
+    for where, mix in mixes.items():
+        log(f"scalar mix at the task model's {where} (best model): softmax(w) = "
+            f"[{', '.join(f'{x:.3f}' for x in mix['s'])}] over layers 0..{len(mix['s']) - 1}, gamma {mix['gamma']:.3f}")
+    if mixes:
+        metrics["mix"] = mixes
     write_metrics(args.metrics_json, metrics)
     log(f"done: {run['step']} steps in {fmt_time(run['trained_seconds'])}; best dev accuracy "
         f"{100 * run['best']:.2f}%; checkpoints {args.out} (best) and {last} (last)")
@@ -511,6 +516,16 @@ def train_epochs(model, opt, run, train_lengths, batch_of, args, device, stop, r
                 tag = f"epoch {run['epoch']} ({run['trained_seconds'] - epoch_started:.0f}s of training)"
                 done = evaluate_and_save(tag) or done
     return evaluated_at
+
+
+def learned_mixes(state: dict, elmo_at: str) -> dict:
+    """A task model's learned scalar mixes (paper eq. 1, its Figure 2), from its state_dict: {"input" and/or
+    "output": {"s": softmax(w) over the biLM's layers, "gamma": gamma}}; {} without ELMo."""
+    if "features.elmo.mixes.0.weights" not in state:
+        return {}
+    places = {"input": ["input"], "output": ["output"], "both": ["input", "output"]}[elmo_at]
+    return {where: {"s": torch.softmax(state[f"features.elmo.mixes.{i}.weights"].float(), 0).tolist(),
+                    "gamma": float(state[f"features.elmo.mixes.{i}.gamma"])} for i, where in enumerate(places)}
 
 
 def accuracy_text(metrics: dict) -> str:

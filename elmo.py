@@ -131,7 +131,7 @@ PRESETS = {
     # for tests: seconds on a CPU
     "tiny": dict(char_embed_dim=4, filters=[[1, 4], [2, 8], [3, 16]], n_highway=1, word_embed_dim=16,
                  lstm_dim=32, projection_dim=16),
-    # for 2 CPU cores and a 15-minute budget, chosen by measurement (README, Presets):
+    # for 2 CPU cores and a 15-minute budget, chosen by measurement (RESULTS.md):
     # a narrow CNN, a wide cell behind a small projection (cheap recurrence, cheap softmax), adaptive softmax
     "cpu": dict(char_embed_dim=16, filters=[[1, 32], [2, 32], [3, 64], [4, 128], [5, 128]], n_highway=1,
                 word_embed_dim=128, lstm_dim=512, projection_dim=128, softmax="adaptive",
@@ -565,7 +565,7 @@ def load_elmo(path: str, device="cpu", impl: str = "auto", options: str | None =
     model = bilm_from_checkpoint(ckpt, impl)
     if impl == "fused" and (model.config.cell_clip or model.config.proj_clip):
         raise UserError(f"{path} clips its LSTM cells/outputs (the published weights do), which the fused "
-                        f"nn.LSTM cannot: its outputs would drift (README, Using the published ELMo weights); "
+                        f"nn.LSTM cannot: its outputs would drift; "
                         f"use the reference cell (impl 'auto', 'columns' or 'reference')")
     return model.to(device).freeze()
 
