@@ -16,12 +16,14 @@ peak resident set size (VmHWM, reset per configuration through /proc/self/clear_
 
   # the quick default table on whatever device is present (CPU: about a minute on 2 cores)
   python bench.py
-  # the numbers in the README's Performance section (2 threads)
+  # the GPU check: one command, ~8 minutes on one GPU (its CPU dry run: --device cpu --sizes tiny)
+  python bench.py --suite gpu --out gpu_check
+  # the numbers in RESULTS.md's performance tables (2 threads)
   python bench.py --threads 2 --preset small --mode infer train --lstm fused columns --cnn distinct token
   python bench.py --threads 2 --preset original --mode infer --repeats 3
   # a published file (clipped: the column cell), on real sentences
   python bench.py --threads 2 --elmo elmo_2x4096_512_2048cnn_2xhighway_weights.hdf5 --lstm columns \
-      --cnn distinct remembered --text ../shared/data/lm/movie_reviews.train.txt
+      --cnn distinct remembered --text sentences.txt
   # a GPU: presets x dtypes x compile
   python bench.py --device cuda --preset small original --dtype float32 bfloat16 --compile off on \\
       --batch 128x20 --json bench_gpu.json
@@ -74,6 +76,14 @@ def parse_args(argv=None):
     g.add_argument("--warmup", type=int, default=2, help="untimed calls first")
     g.add_argument("--repeats", type=int, default=5, help="timed calls; the median is reported")
     g.add_argument("--json", default="bench.json", help="every configuration's numbers")
+    g = p.add_argument_group("the GPU check (one prepared command for a short GPU session)")
+    g.add_argument("--suite", choices=["gpu"], help="gpu: the bench table for --sizes (inference and "
+                   "training, fp32 and bf16, eager and compiled, the clipped published layout), a 2-minute "
+                   "train_lm.py run on a generated corpus, elmo.py embed and a train_sst.py run from its "
+                   "checkpoint; writes DIR/gpu_check.json and DIR/gpu_check.md (see gpu_suite)")
+    g.add_argument("--sizes", nargs="+", default=["small", "original"], choices=sorted(PRESETS),
+                   help="--suite gpu: the presets of the bench table (tiny: the CPU dry run)")
+    g.add_argument("--out", help="--suite gpu: the folder for its files")
     args = p.parse_args(argv)
     try:
         args.batch = [tuple(int(n) for n in b.lower().split("x")) for b in args.batch]
@@ -139,7 +149,9 @@ def run_config(cfg, args, device, reference_outputs, text):
     if args.elmo:
         model = load_elmo(args.elmo, device, impl=lstm, options=args.elmo_options)
     else:
-        model = BiLM(ELMoConfig(**PRESETS[preset], vocab_size=vocab), impl=lstm).to(device)
+        base, _, clip = preset.partition("+")     # NAME+clip: the published layout, cells and outputs clipped at 3
+        model = BiLM(ELMoConfig(**PRESETS[base], vocab_size=vocab, cell_clip=3.0 if clip else 0.0,
+                                proj_clip=3.0 if clip else 0.0), impl=lstm).to(device)
     model.token_encoder.unique = cnn != "token"
     model.token_encoder.memo = None                # load_elmo turns the memo on: measure it only when asked
     if cnn == "remembered":
@@ -198,6 +210,207 @@ def run_config(cfg, args, device, reference_outputs, text):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# the table
+# ---------------------------------------------------------------------------------------------------------
+HEADER = (f"{'preset':12} {'mode':5} {'lstm':9} {'cnn':10} {'dtype':8} {'compile':7} {'batch':7} "
+          f"{'ms':>9} {'tokens/s':>10} {'peak MiB':>9}  drift")
+
+
+def run_table(configs, args, device, text=None, deadline=None):
+    """Every configuration, one printed line each -> the list of results. A configuration that fails (a
+    compiler error, out of memory) is a line saying so, not the end of the table; past `deadline` (time.time)
+    the rest are listed as skipped."""
+    print(HEADER, flush=True)
+    results, reference_outputs = [], {}
+    for cfg in configs:
+        keys = ("preset", "mode", "lstm", "cnn", "dtype", "compile", "batch")
+        described = dict(zip(keys, (*cfg[:-1], "x".join(map(str, cfg[-1])))))
+        if deadline and time.time() > deadline:
+            results.append({**described, "skipped": "time budget"})
+            continue
+        try:
+            r = run_config(cfg, args, device, reference_outputs,
+                           [s[:cfg[-1][1]] for s in text if len(s) >= cfg[-1][1]] if text else None)
+        except Exception as e:  # noqa: BLE001  (one configuration's failure is a result, not the end)
+            results.append({**described, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"})
+            print(f"{described['preset']:12} {described['mode']:5} ... {results[-1]['error']}", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        results.append(r)
+        drift = f"{r['drift_max_abs']:.1e}" if "drift_max_abs" in r else ""
+        print(f"{r['preset']:12} {r['mode']:5} {r['lstm']:9} {r['cnn']:10} {r['dtype']:8} {r['compile']:7} "
+              f"{r['batch']:7} {r['ms']:9.1f} {r['tokens_per_s']:10,} {r['peak_mib']:9,}  {drift}", flush=True)
+    return results
+
+
+def device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or
+                                                                           platform.machine())
+
+
+def write_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the GPU check: one command that measures what a short GPU session should, and writes it down
+# ---------------------------------------------------------------------------------------------------------
+SUITE_MINUTES = {"table": 3.5, "train": 2.0}   # of the 8 minutes the check may take on one GPU
+
+
+def gpu_suite(args, device):
+    """`--suite gpu --out DIR`, in at most ~8 minutes on one GPU (the CPU dry run, `--device cpu --sizes tiny`,
+    in under 2):
+      1. the bench table for --sizes: inference and a training step, fp32 and bf16 autocast, eager (and
+         compiled, on CUDA); plus the published layout with clipping at 3 on the column and reference cells,
+         eager and compiled (on a GPU the cell's per-step loop launches many small kernels: compiling the
+         model is the first cure to measure);
+      2. `train_lm.py --device D` for 2 minutes on a generated corpus, with the device's default preset and
+         batch (the defaults a GPU user gets), then its checkpoint loaded on the CPU and checked to give
+         the same layers;
+      3. `elmo.py embed` and a 300-step `train_sst.py` on the device from that checkpoint.
+    Writes DIR/gpu_check.json (everything) and DIR/gpu_check.md (tables ready for RESULTS.md)."""
+    import subprocess
+    import sys
+    if not args.out:
+        raise UserError("--suite gpu needs --out DIR")
+    os.makedirs(args.out, exist_ok=True)
+    t0, on_gpu = time.time(), device.type == "cuda"
+    report = {"device": str(device), "device_name": device_name(device), "torch": torch.__version__,
+              "sizes": args.sizes}
+    print(f"gpu check on {device} ({report['device_name']}), torch {torch.__version__}: writing {args.out}",
+          flush=True)
+    # 1) the table
+    batch = [(64, 25)] if on_gpu else [(8, 10)]
+    configs = [(p, m, "fused", "distinct", d, "off", b) for p in args.sizes for m in ("infer", "train")
+               for d in ("float32", "bfloat16") for b in batch]
+    clipped = args.sizes[-1] + "+clip"
+    configs += [(clipped, "infer", lstm, "distinct", "float32", "off", b) for lstm in ("columns", "reference")
+                for b in batch]
+    if on_gpu:   # compiling on the CPU takes minutes a configuration: `bench.py --compile on` measures it there
+        configs += [(p, m, "fused", "distinct", "bfloat16", "on", b) for p in args.sizes for m in ("infer", "train")
+                    for b in batch]
+        configs += [(clipped, "infer", "reference", "distinct", "float32", "on", b) for b in batch]
+    args.vocab_size = min(args.vocab_size, 10_000)
+    report["table"] = run_table(configs, args, device, deadline=t0 + 60 * SUITE_MINUTES["table"])
+    # 2) a real training run, as a user starts it, on a generated corpus; 3) embed and a task from it
+    train_text, valid_text, sst = (os.path.join(args.out, n) for n in ("corpus.txt", "valid.txt", "sst.tsv"))
+    write_corpus(train_text, 400_000 if on_gpu else 20_000, seed=0)
+    write_corpus(valid_text, 20_000 if on_gpu else 2_000, seed=1)
+    write_sentiment(sst, 2_000 if on_gpu else 200)
+    lm, run_dir = os.path.join(args.out, "lm.pt"), os.path.dirname(os.path.abspath(__file__))
+
+    def command(name, argv, timeout):
+        t, argv = time.time(), [str(a) for a in argv]
+        try:
+            r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout, cwd=run_dir)
+        except subprocess.TimeoutExpired as e:    # the report is still written, with what the run printed
+            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            r = subprocess.CompletedProcess(argv, 124, out, f"timed out after {timeout:.0f} s")
+        with open(os.path.join(args.out, f"{name}.log"), "w") as f:
+            f.write(r.stdout + r.stderr)
+        report[name] = {"command": "python " + " ".join(argv), "returncode": r.returncode,
+                        "wall_s": round(time.time() - t, 1), "last_line": (r.stdout.strip().splitlines() or [""])[-1]}
+        print(f"{name}: exit {r.returncode} in {report[name]['wall_s']:.0f}s | {report[name]['last_line'][:110]}",
+              flush=True)
+        return r
+
+    minutes = SUITE_MINUTES["train"] if on_gpu else 0.25
+    preset = [] if on_gpu else ["--preset", args.sizes[0]]     # on a GPU: the defaults a user gets
+    r = command("train_lm", ["train_lm.py", "--device", str(device), *preset, "--train-file", train_text,
+                             "--valid-file", valid_text, "--max-minutes", minutes, "--log-every", 20,
+                             "--vocab-size", 10_000, "--out", lm, "--overwrite",
+                             "--metrics-json", os.path.join(args.out, "train_lm.json")], 60 * minutes + 240)
+    report["train_lm"].update(training_summary(r.stdout))
+    if r.returncode == 0:
+        report["train_lm"]["loads_on_cpu"] = loads_on_cpu(lm, device)
+        command("embed", ["elmo.py", "embed", "--elmo", lm, "--input", valid_text, "--output",
+                          os.path.join(args.out, "vectors.hdf5"), "--device", str(device), "--overwrite"], 300)
+        command("train_sst", ["train_sst.py", "--elmo", lm, "--train-file", sst, "--dev-file", sst, "--device",
+                              str(device), "--max-steps", 300, "--epochs", 1000, "--eval-every", 100, "--patience", 0,
+                              "--out", os.path.join(args.out, "sst.pt"), "--overwrite",
+                              "--metrics-json", os.path.join(args.out, "sst.json")], 600)
+    report["total_s"] = round(time.time() - t0, 1)
+    write_json(os.path.join(args.out, "gpu_check.json"), report)
+    with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
+        f.write(suite_markdown(report))
+    print(f"wrote {args.out}/gpu_check.json and gpu_check.md in {report['total_s']:.0f}s", flush=True)
+
+
+def write_corpus(path, n_lines, seed):
+    """Made-up sentences of 5-25 Zipf-distributed words of 2-10 letters (the bench's vocabulary)."""
+    made_up = random.Random(0)
+    words = ["".join(made_up.choices("abcdefghijklmnopqrstuvwxyz", k=made_up.randint(2, 10))) for _ in range(5000)]
+    weights = [1 / (k + 1) for k in range(len(words))]
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n_lines):
+            f.write(" ".join(rng.choices(words, weights, k=rng.randint(5, 25))) + "\n")
+
+
+def write_sentiment(path, n):
+    """A TSV a task can learn: a label, and a sentence whose one telling word says it."""
+    rng = random.Random(2)
+    filler = "the a film plot story it was and of to".split()
+    with open(path, "w") as f:
+        f.write("sentence\tlabel\n")
+        for i in range(n):
+            label = i % 2
+            words = rng.choices(filler, k=rng.randint(4, 12)) + [rng.choice((["dull", "awful", "bad"],
+                                                                            ["great", "fine", "good"])[label])]
+            rng.shuffle(words)
+            f.write(" ".join(words) + f"\t{label}\n")
+
+
+def training_summary(stdout: str) -> dict:
+    """From train_lm.py's log: the defaults it filled, the first and last loss, the median tokens/s."""
+    lines = stdout.splitlines()
+    losses = [float(x.split("| loss ")[1].split()[0]) for x in lines if "| loss " in x and x.startswith("step")]
+    speeds = sorted(int(x.split(" tok/s")[0].split("| ")[-1].replace(",", "")) for x in lines if " tok/s" in x)
+    return {"defaults": next((x for x in lines if x.startswith("defaults for")), ""),
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "loss_went_down": bool(losses) and losses[-1] < losses[0],
+            "tokens_per_s_median": speeds[len(speeds) // 2] if speeds else None}
+
+
+def loads_on_cpu(path, device) -> bool:
+    """The checkpoint trained on `device` loads on the CPU and gives the layers it gives on `device`."""
+    ids = data.batch_to_ids([["a", "checkpoint", "moves"], ["between", "devices"]])
+    with torch.no_grad():
+        on_cpu = load_elmo(path, "cpu")(ids)["activations"][-1]
+        there = load_elmo(path, device)(ids.to(device))["activations"][-1].float().cpu()
+    return bool(torch.allclose(on_cpu, there, atol=1e-3))
+
+
+def suite_markdown(report) -> str:
+    def drift(r):
+        return f"{r['drift_max_abs']:.1e}" if r.get("drift_max_abs") is not None else ""
+    rows = ["| preset | mode | lstm | dtype | compile | batch | tokens/s | peak MiB | drift |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["table"]:
+        if "tokens_per_s" in r:
+            rows.append(f"| {r['preset']} | {r['mode']} | {r['lstm']} | {r['dtype']} | {r['compile']} | {r['batch']} "
+                        f"| {r['tokens_per_s']:,} | {r['peak_mib']:,} | {drift(r)} |")
+        else:
+            rows.append(f"| {r['preset']} | {r['mode']} | {r['lstm']} | {r['dtype']} | {r['compile']} | {r['batch']} "
+                        f"| {r.get('error') or 'skipped: ' + r.get('skipped', '')} | | |")
+    out = [f"GPU check on {report['device_name']} ({report['device']}), torch {report['torch']}, "
+           f"{report['total_s']:.0f} s in all.", ""] + rows + [""]
+    for name in ("train_lm", "embed", "train_sst"):
+        if name in report:
+            r = report[name]
+            extra = ""
+            if name == "train_lm":
+                extra = (f"; {r.get('defaults', '')}; loss {r.get('first_loss')} -> {r.get('last_loss')}; "
+                         f"median {r.get('tokens_per_s_median')} tokens/s; loads on the CPU: {r.get('loads_on_cpu')}")
+            out.append(f"- `{r['command']}`: exit {r['returncode']}, {r['wall_s']} s{extra}; {r['last_line']}")
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------------------
 def main(argv=None):
@@ -205,8 +418,9 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or
-                                                                              platform.machine())
+    if args.suite == "gpu":
+        return gpu_suite(args, device)
+    name = device_name(device)
     print(f"device {device} ({name}) | torch {torch.__version__} | threads {torch.get_num_threads()} | "
           f"warmup {args.warmup}, median of {args.repeats}", flush=True)
     text = [line.split() for _, line in data.read_lines(args.text)] if args.text else None
@@ -219,20 +433,9 @@ def main(argv=None):
         args.preset = [os.path.basename(args.elmo)]
     configs = [c for c in itertools.product(args.preset, args.mode, args.lstm, args.cnn, dtypes, args.compile,
                                             args.batch) if not (c[1] == "train" and c[3] == "remembered")]
-    print(f"{'preset':9} {'mode':5} {'lstm':9} {'cnn':10} {'dtype':8} {'compile':7} {'batch':7} "
-          f"{'ms':>9} {'tokens/s':>10} {'peak MiB':>9}  drift", flush=True)
-    results, reference_outputs = [], {}
-    for cfg in configs:
-        r = run_config(cfg, args, device, reference_outputs,
-                       [s[:cfg[-1][1]] for s in text if len(s) >= cfg[-1][1]] if text else None)
-        results.append(r)
-        drift = f"{r['drift_max_abs']:.1e}" if "drift_max_abs" in r else ""
-        print(f"{r['preset']:9} {r['mode']:5} {r['lstm']:9} {r['cnn']:10} {r['dtype']:8} {r['compile']:7} "
-              f"{r['batch']:7} {r['ms']:9.1f} {r['tokens_per_s']:10,} {r['peak_mib']:9,}  {drift}", flush=True)
-    with open(args.json + ".tmp", "w") as f:
-        json.dump({"device": str(device), "device_name": name, "torch": torch.__version__,
-                   "threads": torch.get_num_threads(), "results": results}, f, indent=1)
-    os.replace(args.json + ".tmp", args.json)
+    results = run_table(configs, args, device, text)
+    write_json(args.json, {"device": str(device), "device_name": name, "torch": torch.__version__,
+                           "threads": torch.get_num_threads(), "results": results})
     print(f"wrote {args.json}")
 
 

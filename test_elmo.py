@@ -746,6 +746,47 @@ def test_bench_runs_every_configuration_and_reports_drift(tmp_path):
     assert_user_error(r, "--batch")
 
 
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_the_cpu_writes_its_report(tmp_path):
+    """Catches a GPU check that breaks before it is ever run on a GPU (where time is short and dear): the
+    same script on the CPU with the tiny preset runs every part (the table with the clipped published layout,
+    a train_lm.py run whose loss goes down and whose checkpoint loads on the CPU, embed, train_sst.py) and
+    writes the JSON and the markdown table."""
+    r = run_script("bench.py", "--suite", "gpu", "--device", "cpu", "--sizes", "tiny", "--out", tmp_path / "gpu",
+                   "--threads", 2, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu" / "gpu_check.json").read_text())
+    table = report["table"]
+    assert {x["preset"] for x in table} == {"tiny", "tiny+clip"} and all("tokens_per_s" in x for x in table)
+    assert {(x["mode"], x["dtype"]) for x in table if x["preset"] == "tiny"} == {
+        (m, d) for m in ("infer", "train") for d in ("float32", "bfloat16")}
+    assert report["train_lm"]["returncode"] == 0 and report["train_lm"]["loss_went_down"]
+    assert report["train_lm"]["loads_on_cpu"] is True
+    assert report["embed"]["returncode"] == 0 and report["train_sst"]["returncode"] == 0
+    assert json.loads((tmp_path / "gpu" / "sst.json").read_text())["step"] == 300
+    md = (tmp_path / "gpu" / "gpu_check.md").read_text()
+    assert "| tiny+clip | infer | reference |" in md and "train_lm.py --device cpu" in md
+
+
+def test_train_lm_defaults_follow_the_device():
+    """Catches `python train_lm.py --device cuda` training the 2-core CPU preset (what a first GPU run got),
+    the cpu preset losing its measured recipe, and a flag the user gave being overridden by a default."""
+    import train_lm
+    args = train_lm.parse_args([])
+    note = train_lm.resolve_defaults(args, torch.device("cuda"))
+    assert (args.preset, args.batch_tokens, args.lr) == ("small", 8192, None) and "--preset small" in note
+    args = train_lm.parse_args([])
+    train_lm.resolve_defaults(args, torch.device("cpu"))
+    assert (args.preset, args.batch_tokens, args.lr) == ("cpu", *(train_lm.TRAINING_DEFAULTS[("cpu", "cpu")][k]
+                                                                   for k in ("batch_tokens", "lr")))
+    args = train_lm.parse_args(["--preset", "tiny", "--batch-tokens", "300", "--lr", "0.01"])
+    assert train_lm.resolve_defaults(args, torch.device("cuda")) == ""
+    assert (args.preset, args.batch_tokens, args.lr) == ("tiny", 300, 0.01)
+    args = train_lm.parse_args(["--preset", "small"])
+    train_lm.resolve_defaults(args, torch.device("cpu"))
+    assert (args.batch_tokens, args.lr) == (2000, None)            # no measurement: the old defaults
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The published files: AllenNLP's golden values, names, convert / export round trips, embed, neighbours
 # ---------------------------------------------------------------------------------------------------------
@@ -1234,8 +1275,11 @@ def test_downstream_end_to_end_and_frozen_bilm(tiny_lm, task_files, tmp_path, sc
     f, out = task_files / data_file, tmp_path / "clf.pt"
     r = run_script(script, "--elmo", tiny_lm, "--train-file", f, "--dev-file", f, "--epochs", 15,
                    "--batch-size", 16, "--lr", 3e-3, "--patience", 0, "--elmo-dropout", 0.1, "--hidden", 32,
-                   "--out", out, "--threads", 1, "--log-every", 50)
+                   "--out", out, "--threads", 1, "--log-every", 50, "--metrics-json", tmp_path / "train.json")
     assert r.returncode == 0, r.stderr
+    mix = json.loads((tmp_path / "train.json").read_text())["mix"]          # the paper's Figure 2, per task
+    assert list(mix) == ["input"] and len(mix["input"]["s"]) == 3 and abs(sum(mix["input"]["s"]) - 1) < 1e-6
+    assert "scalar mix at the task model's input" in r.stdout
     clf = torch.load(out, weights_only=True)
     lm = torch.load(tiny_lm, weights_only=True)
     assert clf["bilm"].keys() == {k for k in lm["model"] if not k.startswith("head.")}

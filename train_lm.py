@@ -11,23 +11,21 @@ Two ways to read the text (--context): `sentence` (default): batches of whole se
 state, as ELMo reads them downstream; `stream`, as bilm-tf trained ELMo: every batch row reads the next
 --unroll tokens of its own stretch of the running text, the LSTM state carried from window to window.
 
-  # CPU smoke run, under a minute
-  python train_lm.py --preset tiny --train-file ../shared/data/ptb/ptb.train.txt \\
-      --valid-file ../shared/data/ptb/ptb.valid.txt --max-steps 50 --out /tmp/tiny.pt
-  # the measured 15-minute CPU run (README), or a real GPU run
-  python train_lm.py --preset cpu --train-file ../shared/data/ptb/ptb.train.txt \\
-      --valid-file ../shared/data/ptb/ptb.valid.txt --max-minutes 15 --out ptb.pt
-  python train_lm.py --device cuda --preset small --epochs 10 --out lm.pt
+  # CPU smoke run from a fresh clone, under a minute (testdata/: a small made-up text)
+  python train_lm.py --preset tiny --train-file testdata/sample_text.txt \\
+      --valid-file testdata/sample_valid.txt --max-steps 50 --out /tmp/tiny.pt --overwrite
+  # a real run: 15 minutes on 2 CPU cores (WikiText-2 from the hub; or --train-file/--valid-file), or a GPU
+  python train_lm.py --dataset-config wikitext-2-raw-v1 --tokenizer ptb --max-minutes 15 --out lm.pt
+  python train_lm.py --device cuda --epochs 10 --out lm.pt        # on a GPU: the `small` preset, WikiText-103
+  # resume an interrupted run (Ctrl-C writes <out>.last.pt): the same command plus --resume
+  python train_lm.py --dataset-config wikitext-2-raw-v1 --tokenizer ptb --max-minutes 15 --out lm.pt --resume
   # bilm-tf's regime: 20-token windows of the running text, state carried between them
-  python train_lm.py --preset cpu --context stream --unroll 20 --train-file ../shared/data/ptb/ptb.train.txt \\
-      --valid-file ../shared/data/ptb/ptb.valid.txt --max-minutes 15 --out ptb_stream.pt
+  python train_lm.py --context stream --unroll 20 --train-file train.txt --valid-file valid.txt --out lm.pt
   # domain adaptation (paper 3.4): one epoch over the task's sentences, from a pretrained biLM
-  python train_sst.py --task sst2 --data-dir ../shared/data/sst2 --write-lm-text sst2_text.txt
+  python train_sst.py --task sst2 --train-file train.tsv --write-lm-text sst2_text.txt
   python train_lm.py --init-from lm.pt --train-file sst2_text.txt --epochs 1 --out lm_sst2.pt
-  # resume an interrupted run (Ctrl-C writes <out>.last.pt), or evaluate a checkpoint
-  python train_lm.py --resume --out ptb.pt --train-file ... --valid-file ...
-  python train_lm.py --eval-only --ckpt ptb.pt --valid-file ../shared/data/ptb/ptb.valid.txt \\
-      --context sentence     # default: the context it was trained in
+  # evaluate a checkpoint
+  python train_lm.py --eval-only --ckpt lm.pt --valid-file valid.txt --context sentence   # default: as trained
 
 Perplexity: exp(mean negative log-likelihood per prediction); each sentence gives one prediction per token
 plus </S> (forward) or <S> (backward), the word-level convention, so PTB numbers compare with the literature.
@@ -57,7 +55,8 @@ from runtime import (CHECKPOINT_FORMAT, ArgumentParser, StopSignal, abort_nonfin
 def parse_args(argv=None):
     p = ArgumentParser(__doc__)
     g = p.add_argument_group("model (stored in the checkpoint; ignored with --resume)")
-    g.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="architecture sizes")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="architecture sizes (default: small on a GPU, "
+                   "cpu elsewhere; see TRAINING_DEFAULTS)")
     g.add_argument("--token-encoder", choices=["char", "word"], help="character CNN (ELMo) or word "
                    "embeddings; default: char")
     g.add_argument("--lstm-dim", type=int, help="LSTM cell D (paper: 4096); default: the preset's")
@@ -93,22 +92,23 @@ def parse_args(argv=None):
     g.add_argument("--skip-bad-lines", action="store_true", help="skip lines that do not decode (counted)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", default="adam", choices=["adam", "adagrad", "sgd"],
-                   help="adam trains fastest in short budgets (README); the paper used adagrad, lr 0.2")
-    g.add_argument("--lr", type=float, help="learning rate; default adam 5e-3, adagrad 0.2, sgd 1.0")
+                   help="adam trains fastest in short budgets (measured: RESULTS.md); the paper used adagrad, lr 0.2")
+    g.add_argument("--lr", type=float, help="learning rate; default adam: the preset's (cpu 2e-3, measured: "
+                   "RESULTS.md; others 5e-3), adagrad 0.2, sgd 1.0")
     g.add_argument("--lr-schedule", default="linear", choices=["linear", "constant"],
                    help="linear: decay to 0 at the end of the budget (steps, minutes or epochs)")
-    g.add_argument("--context", choices=["sentence", "stream"], help="training context (README, 'Two "
-                   "ways to read a corpus'). sentence: length-bucketed batches of whole sentences, each from "
+    g.add_argument("--context", choices=["sentence", "stream"], help="training context (README, 'How "
+                   "it works'). sentence: length-bucketed batches of whole sentences, each from "
                    "zero state, as ELMo is used downstream. stream (bilm-tf): each batch row reads the next "
                    "--unroll tokens of its own stretch of the running text, the LSTM state carried from window "
                    "to window; no padding. With --eval-only: how to evaluate (default: as the checkpoint "
-                   "was trained). Default for training: sentence: measured on PTB (README), the two reach "
-                   "the same perplexity in their own evaluation, but ELMo reads sentences from zero state, "
-                   "and there the sentence-trained biLM is much better (152 vs 174)")
+                   "was trained). Default for training: sentence: ELMo reads sentences from zero state, and "
+                   "there the sentence-trained biLM is the better one (measured: RESULTS.md)")
     g.add_argument("--unroll", type=int, default=20, help="stream context: tokens per window, i.e. steps of "
                    "backpropagation through time (bilm-tf: 20)")
-    g.add_argument("--batch-tokens", type=int, default=2000, help="tokens per batch: sentence context B x T "
-                   "padded, stream context rows x --unroll")
+    g.add_argument("--batch-tokens", type=int, help="tokens per batch: sentence context B x T padded, stream "
+                   "context rows x --unroll (default: the preset's on this device, TRAINING_DEFAULTS: cpu 700, "
+                   "measured; 8192 on a GPU; else 2000)")
     g.add_argument("--clip-norm", type=float, default=10.0, help="gradient norm clip (paper: 10)")
     g.add_argument("--epochs", type=int, default=10, help="passes over the training data")
     g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = no limit)")
@@ -149,10 +149,38 @@ def parse_args(argv=None):
                          "batch_tokens": (1, None), "clip_norm": (0, None), "epochs": (1, None),
                          "max_steps": (0, None), "max_minutes": (0, None), "threads": (0, None),
                          "log_every": (1, None), "eval_every": (0, None)})
+    return args
+
+
+# Run settings that the flags leave open, per preset and device (the sizes are elmo.PRESETS; these are not
+# architecture, so they are not stored in the config). The cpu preset's batch and learning rate were chosen
+# by side-by-side measurement against the PyTorch word-language-model example on 2 CPU cores (RESULTS.md,
+# "The cpu preset's recipe"). On a GPU the default is the `small` published architecture with batches
+# of 8192 tokens, bilm-tf's order of batch size for 1-3 GPUs; `bench.py --suite gpu` reports what it gives.
+TRAINING_DEFAULTS = {("cpu", "cpu"): {"batch_tokens": 700, "lr": 2e-3}}
+GPU_DEFAULTS = {"preset": "small", "batch_tokens": 8192}
+
+
+def resolve_defaults(args, device) -> str:
+    """Fill the flags not given (--preset, --batch-tokens, --lr) with the defaults for this device, so that a
+    first `python train_lm.py --device cuda` trains what a GPU should. -> the line that says which."""
+    on_gpu = device.type == "cuda"
+    filled = {}
+    if args.preset is None:
+        filled["preset"] = GPU_DEFAULTS["preset"] if on_gpu else "cpu"
+    preset = args.preset or filled["preset"]
+    known = TRAINING_DEFAULTS.get((preset, "cuda" if on_gpu else "cpu"), {})
+    if args.batch_tokens is None:
+        filled["batch_tokens"] = known.get("batch_tokens", GPU_DEFAULTS["batch_tokens"] if on_gpu else 2000)
+    if args.lr is None and args.optimizer == "adam" and "lr" in known:
+        filled["lr"] = known["lr"]
+    for name, value in filled.items():
+        setattr(args, name, value)
     if args.unroll > args.batch_tokens:
         raise UserError(f"--batch-tokens {args.batch_tokens} is smaller than --unroll {args.unroll}: a stream "
                         f"batch needs at least one row of --unroll tokens")
-    return args
+    return (f"defaults for {device.type}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in filled.items())
+            + " (give a flag to change one)") if filled else ""
 
 
 
@@ -569,20 +597,23 @@ def main(argv=None):
     def autocast():
         return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
+    defaults = resolve_defaults(args, device)
     if args.eval_only:
         return eval_only(args, device, autocast, log)
 
     with Distributed(device) as dist:   # one process, or torchrun's: the group is destroyed on every way out
-        return pretrain(args, dist, dtype, autocast, log)
+        return pretrain(args, dist, dtype, autocast, defaults, log)
 
 
-def pretrain(args, dist, dtype, autocast, log):
+def pretrain(args, dist, dtype, autocast, defaults, log):
     """Everything a training run does, in order: what to start from, the data, the model and optimizer,
     the training context, the loop. Returns the trained model."""
     device = dist.device
     if not dist.main:
         log = lambda msg: None   # noqa: E731  (rank 0 alone speaks)
     resume, init = run_start(args, log)
+    if defaults and not resume:
+        log(defaults)
 
     # ---- data ---------------------------------------------------------------------------------------
     random.seed(args.seed + dist.rank)        # each rank its own dropout masks; DDP gives all rank 0's weights
