@@ -93,8 +93,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", default="adam", choices=["adam", "adagrad", "sgd"],
                    help="adam trains fastest in short budgets (measured: RESULTS.md); the paper used adagrad, lr 0.2")
-    g.add_argument("--lr", type=float, help="learning rate; default adam: the preset's (cpu 2e-3, measured: "
-                   "RESULTS.md; others 5e-3), adagrad 0.2, sgd 1.0")
+    g.add_argument("--lr", type=float, help="learning rate; default adam: the preset's (cpu: 2e-3 with one "
+                   "thread, 5e-3 with more, measured: RESULTS.md; others 5e-3), adagrad 0.2, sgd 1.0")
     g.add_argument("--lr-schedule", default="linear", choices=["linear", "constant"],
                    help="linear: decay to 0 at the end of the budget (steps, minutes or epochs)")
     g.add_argument("--context", choices=["sentence", "stream"], help="training context (README, 'How "
@@ -107,8 +107,8 @@ def parse_args(argv=None):
     g.add_argument("--unroll", type=int, default=20, help="stream context: tokens per window, i.e. steps of "
                    "backpropagation through time (bilm-tf: 20)")
     g.add_argument("--batch-tokens", type=int, help="tokens per batch: sentence context B x T padded, stream "
-                   "context rows x --unroll (default: the preset's on this device, TRAINING_DEFAULTS: cpu 700, "
-                   "measured; 8192 on a GPU; else 2000)")
+                   "context rows x --unroll (default: the preset's on this device, TRAINING_DEFAULTS, measured: "
+                   "cpu 700 with one thread, 2000 with more; 8192 on a GPU; else 2000)")
     g.add_argument("--clip-norm", type=float, default=10.0, help="gradient norm clip (paper: 10)")
     g.add_argument("--epochs", type=int, default=10, help="passes over the training data")
     g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = no limit)")
@@ -154,10 +154,14 @@ def parse_args(argv=None):
 
 # Run settings that the flags leave open, per preset and device (the sizes are elmo.PRESETS; these are not
 # architecture, so they are not stored in the config). The cpu preset's batch and learning rate were chosen
-# by side-by-side measurement against the PyTorch word-language-model example on 2 CPU cores (RESULTS.md,
-# "The cpu preset's recipe"). On a GPU the default is the `small` published architecture with batches
-# of 8192 tokens, bilm-tf's order of batch size for 1-3 GPUs; `bench.py --suite gpu` reports what it gives.
-TRAINING_DEFAULTS = {("cpu", "cpu"): {"batch_tokens": 700, "lr": 2e-3}}
+# by side-by-side measurement against the PyTorch word-language-model example (RESULTS.md, "The cpu preset's
+# recipe"): with one thread per process, small batches make more updates at the same tokens/s; with more
+# threads a small batch leaves them idle (the recurrence is a chain of small products), and the larger
+# batch trained the better biLM in the same minutes. On a GPU the default is the `small` published
+# architecture with batches of 8192 tokens, bilm-tf's order of batch size for 1-3 GPUs; `bench.py --suite
+# gpu` reports what it gives. Keys: (preset, device type, threads per process), or without the threads.
+TRAINING_DEFAULTS = {("cpu", "cpu", 1): {"batch_tokens": 700, "lr": 2e-3},
+                     ("cpu", "cpu"): {"batch_tokens": 2000, "lr": 5e-3}}
 GPU_DEFAULTS = {"preset": "small", "batch_tokens": 8192}
 
 
@@ -169,7 +173,9 @@ def resolve_defaults(args, device) -> str:
     if args.preset is None:
         filled["preset"] = GPU_DEFAULTS["preset"] if on_gpu else "cpu"
     preset = args.preset or filled["preset"]
-    known = TRAINING_DEFAULTS.get((preset, "cuda" if on_gpu else "cpu"), {})
+    kind = "cuda" if on_gpu else "cpu"
+    known = (TRAINING_DEFAULTS.get((preset, kind, torch.get_num_threads())) or TRAINING_DEFAULTS.get((preset, kind))
+             or {})
     if args.batch_tokens is None:
         filled["batch_tokens"] = known.get("batch_tokens", GPU_DEFAULTS["batch_tokens"] if on_gpu else 2000)
     if args.lr is None and args.optimizer == "adam" and "lr" in known:
