@@ -770,15 +770,20 @@ def test_gpu_check_dry_run_on_the_cpu_writes_its_report(tmp_path):
 
 def test_train_lm_defaults_follow_the_device():
     """Catches `python train_lm.py --device cuda` training the 2-core CPU preset (what a first GPU run got),
-    the cpu preset losing its measured recipe, and a flag the user gave being overridden by a default."""
+    the cpu preset losing its measured recipes (one thread per process; more), and a flag the user gave being overridden by a default."""
     import train_lm
     args = train_lm.parse_args([])
     note = train_lm.resolve_defaults(args, torch.device("cuda"))
     assert (args.preset, args.batch_tokens, args.lr) == ("small", 8192, None) and "--preset small" in note
-    args = train_lm.parse_args([])
-    train_lm.resolve_defaults(args, torch.device("cpu"))
-    assert (args.preset, args.batch_tokens, args.lr) == ("cpu", *(train_lm.TRAINING_DEFAULTS[("cpu", "cpu")][k]
-                                                                   for k in ("batch_tokens", "lr")))
+    threads = torch.get_num_threads()
+    try:
+        for n, recipe in ((1, (700, 2e-3)), (2, (2000, 5e-3))):    # one thread per process, or more
+            torch.set_num_threads(n)
+            args = train_lm.parse_args([])
+            train_lm.resolve_defaults(args, torch.device("cpu"))
+            assert (args.preset, args.batch_tokens, args.lr) == ("cpu", *recipe), n
+    finally:
+        torch.set_num_threads(threads)
     args = train_lm.parse_args(["--preset", "tiny", "--batch-tokens", "300", "--lr", "0.01"])
     assert train_lm.resolve_defaults(args, torch.device("cuda")) == ""
     assert (args.preset, args.batch_tokens, args.lr) == ("tiny", 300, 0.01)
@@ -1498,6 +1503,27 @@ def test_cache_gives_the_same_logits(tiny_lm, tmp_path, where):
     assert torch.allclose(again, expected.flip(0), atol=tol)
     assert list(tmp_path.iterdir()) == []
 
+
+def test_figures_render_from_the_committed_kind_of_data(tmp_path):
+    """Catches a figure command that no longer runs on the files the scripts write (a renamed metrics key:
+    "history", "mix"), a figure not written, or one grown past the README's size budget. Skipped without
+    matplotlib, which only figures.py needs."""
+    pytest.importorskip("matplotlib", reason="matplotlib is optional: only figures.py uses it")
+    import figures
+    (tmp_path / "curves").mkdir()
+    (tmp_path / "mix").mkdir()
+    history = [{"trained_seconds": 60 * m, "ppl_forward": p} for m, p in ((1, 400.0), (2, 250.0), (3, 190.0))]
+    (tmp_path / "curves" / "lm.json").write_text(json.dumps({"label": "a biLM", "history": history}))
+    (tmp_path / "curves" / "other.csv").write_text("# another program\nlabel,minutes,ppl\nwlm,1.5,300\nwlm,3,200\n")
+    (tmp_path / "mix" / "sst2.json").write_text(json.dumps({"mix": {"input": {"s": [0.2, 0.5, 0.3], "gamma": 1.1}}}))
+    figures.main(["--preset", "tiny", "--results", str(tmp_path), "--out", str(tmp_path / "assets")])
+    for name in ("model.png", "learning_curves.png", "layer_weights.png"):
+        png = (tmp_path / "assets" / name).read_bytes()
+        assert png.startswith(b"\x89PNG") and 1_000 < len(png) < 200_000, name
+    assert figures.read_curves(str(tmp_path / "curves"))[0] == ("a biLM", [1.0, 2.0, 3.0], [400.0, 250.0, 190.0])
+    (tmp_path / "mix" / "sst2.json").unlink()
+    with pytest.raises(UserError, match="no learned mixes"):
+        figures.layer_weights(str(tmp_path / "mix"), str(tmp_path / "x.png"))
 
 # ---------------------------------------------------------------------------------------------------------
 # Robustness: a user error is one line, exit 2 and nothing written; faults lose nothing

@@ -7,14 +7,14 @@ or word embeddings for `--elmo none`) and the same BiLSTM, are max-pooled to u a
 entailment, 1 neutral, 2 contradiction; -1 and '-' rows are dropped; an optional `genre` column gives
 per-genre accuracy), or the hub (nyu-mll/multi_nli: matched and mismatched validation reported separately).
 
-  # CPU smoke run, under a minute (tiny biLM from train_lm.py's smoke run)
-  python train_mnli.py --elmo /tmp/tiny.pt --train-file ../shared/data/mnli/dev.tsv \
-      --dev-file ../shared/data/mnli/dev.tsv --max-steps 30 --out /tmp/mnli.pt
-  # a real run (or --device cuda)
-  python train_mnli.py --elmo lm.pt --data-dir ../shared/data/mnli --max-minutes 15 --out mnli.pt
-  # resume, evaluate, predict
-  python train_mnli.py --resume --out mnli.pt --elmo lm.pt --data-dir ../shared/data/mnli
-  python train_mnli.py --eval-only --ckpt mnli.pt --test-file ../shared/data/mnli/dev.tsv --metrics-json m.json
+  # CPU smoke run from a fresh clone, under a minute (the tiny biLM of train_lm.py's smoke run)
+  python train_mnli.py --elmo /tmp/tiny.pt --train-file testdata/sample_nli.tsv \
+      --dev-file testdata/sample_nli.tsv --max-steps 30 --out /tmp/mnli.pt --overwrite
+  # a real run: MultiNLI from the hub (or --data-dir DIR with train.tsv and dev.tsv; --device cuda)
+  python train_mnli.py --elmo lm.pt --max-minutes 15 --out mnli.pt
+  # resume (the same command plus --resume), evaluate, predict
+  python train_mnli.py --elmo lm.pt --max-minutes 15 --out mnli.pt --resume
+  python train_mnli.py --eval-only --ckpt /tmp/mnli.pt --test-file testdata/sample_nli.tsv --metrics-json m.json
   python train_mnli.py --ckpt mnli.pt --predict "A man is playing a guitar. ||| A person makes music."
 """
 from __future__ import annotations

@@ -7,15 +7,15 @@ pretraining). Data: SST-2 style TSV (`sentence<TAB>label`, with a header) or SST
 (`trainDevTestTrees_PTB`: one tree a line, root label = sentence label), or the hub (stanfordnlp/sst2,
 SetFit/sst5). Writes `--out` (best dev accuracy) and `<out>.last.pt`.
 
-  # CPU smoke run, under a minute (tiny biLM from train_lm.py's smoke run)
-  python train_sst.py --elmo /tmp/tiny.pt --task sst2 --train-file ../shared/data/sst2/dev.tsv \\
-      --dev-file ../shared/data/sst2/dev.tsv --max-steps 30 --out /tmp/sst.pt
-  # a real run: SST-2 with the movie-review biLM (or --device cuda)
-  python train_sst.py --elmo lm.pt --task sst2 --data-dir ../shared/data/sst2 --max-minutes 10 --out sst2.pt
-  python train_sst.py --elmo lm.pt --task sst5 --data-dir ../shared/data/sst5 --phrases --out sst5.pt
-  # resume, evaluate, predict
-  python train_sst.py --resume --out sst2.pt --elmo lm.pt --task sst2 --data-dir ../shared/data/sst2
-  python train_sst.py --eval-only --ckpt sst2.pt --test-file ../shared/data/sst2/dev.tsv --metrics-json m.json
+  # CPU smoke run from a fresh clone, under a minute (the tiny biLM of train_lm.py's smoke run)
+  python train_sst.py --elmo /tmp/tiny.pt --train-file testdata/sample_sst.tsv \\
+      --dev-file testdata/sample_sst.tsv --max-steps 30 --out /tmp/sst.pt --overwrite
+  # a real run: SST-2 from the hub (or --data-dir DIR with train.tsv and dev.tsv; --device cuda)
+  python train_sst.py --elmo lm.pt --task sst2 --max-minutes 10 --out sst2.pt
+  python train_sst.py --elmo lm.pt --task sst5 --data-dir sst5_trees --phrases --out sst5.pt
+  # resume (the same command plus --resume), evaluate, predict
+  python train_sst.py --elmo lm.pt --task sst2 --max-minutes 10 --out sst2.pt --resume
+  python train_sst.py --eval-only --ckpt /tmp/sst.pt --test-file testdata/sample_sst.tsv --metrics-json m.json
   python train_sst.py --ckpt sst2.pt --predict "a gorgeous , witty , seductive movie ."
 """
 from __future__ import annotations

@@ -1,0 +1,164 @@
+"""The README's figures, drawn from the small measurement files committed in results/ (`python figures.py`).
+
+    assets/model.png          the model with its shapes, for a preset (drawn from elmo.PRESETS, so it stays true)
+    assets/learning_curves.png  validation perplexity against training minutes: every results/curves/*.json
+                              (train_lm.py --metrics-json: its "history") and results/curves/*.csv (other
+                              programs: minutes,ppl rows), one line each
+    assets/layer_weights.png  the paper's Figure 2 for this project: each task model's learned softmax(s_j)
+                              over the biLM's layers, from results/mix/*.json (train_sst.py / train_mnli.py
+                              --metrics-json: its "mix")
+
+A new measurement updates a figure: put its metrics JSON in the folder and run the command again. Needs
+matplotlib (`pip install matplotlib`), which nothing else in the project imports.
+
+  python figures.py                    # all three, into assets/
+  python figures.py --preset small --out /tmp/figs
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+
+from elmo import PRESETS, ELMoConfig
+from runtime import ArgumentParser, UserError, run_main
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("figures.py needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")                      # files only, no screen
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def model_diagram(preset: str, path: str):
+    """Boxes and arrows from the characters to the task model, each labelled with its shape (README legend:
+    B batch, T tokens, W characters, F filters, D cell, P projection, L layers)."""
+    plt = pyplot()
+    c = ELMoConfig(**PRESETS[preset])
+    P, D, L, Fn = c.projection_dim, c.lstm_dim, c.n_layers, c.n_filters
+    widths = ", ".join(str(w) for w, _ in c.filters)
+    stages = [  # (text, shape after it, colour)
+        ("characters: each token's UTF-8 bytes between word marks", "(B, T, 50) ids", "#e8e8e8"),
+        (f"character CNN: embed {c.char_embed_dim}, filters of widths {widths} ({Fn} in all),\n"
+         f"max over positions, relu, {c.n_highway} highway layer{'s' * (c.n_highway > 1)}, projection",
+         f"(B, T, {P}) = x_k, no context yet", "#cfe2f3"),
+        (f"forward LSTM stack: {L} layers, cell {D} -> projection {P}, residual\n"
+         f"backward LSTM stack: the same, reading each sentence right to left",
+         f"{L} x (B, T, {P}) per direction", "#d9ead3"),
+        (f"ELMo's layers: j = 0 is [x_k; x_k], j = 1..{L} is [forward_j; backward_j]",
+         f"{L + 1} x (B, T, {2 * P}) = h_kj", "#fff2cc"),
+        ("scalar mix (paper eq. 1): ELMo_k = gamma * sum_j softmax(w)_j h_kj, learned per task",
+         f"(B, T, {2 * P})", "#fce5cd"),
+        ("the task model: [ELMo_k; x_k] -> BiLSTM -> pooling -> classifier (SST, MultiNLI)", "(B, classes)",
+         "#ead1dc"),
+    ]
+    fig, ax = plt.subplots(figsize=(9, 7.6))
+    ax.set_xlim(0, 10)
+    ax.set_ylim(0, len(stages) * 1.25 + 0.4)
+    ax.axis("off")
+    for i, (text, shape, colour) in enumerate(stages):
+        y = (len(stages) - 1 - i) * 1.25 + 0.4
+        ax.add_patch(plt.Rectangle((0.2, y), 6.9, 0.85, facecolor=colour, edgecolor="#555555"))
+        ax.text(0.35, y + 0.42, text, va="center", fontsize=8.5)
+        ax.text(7.3, y + 0.42, shape, va="center", fontsize=9, family="monospace")
+        if i:
+            ax.annotate("", xy=(3.6, y + 0.85), xytext=(3.6, y + 1.25),
+                        arrowprops={"arrowstyle": "->", "color": "#333333"})
+    y_lstm = (len(stages) - 3) * 1.25 + 0.4
+    ax.annotate("pretraining: one softmax over the vocabulary,\nshared by both directions (paper eq. 3)",
+                xy=(7.1, y_lstm + 0.25), xytext=(7.3, y_lstm - 0.42), fontsize=7.5, color="#7f3f00", va="center",
+                arrowprops={"arrowstyle": "->", "color": "#7f3f00"})
+    ax.set_title(f"ELMo, preset `{preset}` ({L} x {D} -> {P}, {Fn} filters)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def read_curves(folder: str) -> list:
+    """-> [(label, minutes, perplexities)]: train_lm.py metrics JSON (forward ppl of each validation) and
+    CSV files with `minutes,ppl` rows (another program's curve)."""
+    curves = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        with open(path) as f:
+            m = json.load(f)
+        history = m.get("history") or []
+        if history:
+            label = m.get("label") or os.path.splitext(os.path.basename(path))[0]
+            curves.append((label, [h["trained_seconds"] / 60 for h in history],
+                           [h["ppl_forward"] for h in history]))
+    for path in sorted(glob.glob(os.path.join(folder, "*.csv"))):
+        with open(path) as f:
+            rows = [r for r in csv.DictReader(line for line in f if not line.startswith("#"))]
+        curves.append((rows[0].get("label") or os.path.splitext(os.path.basename(path))[0],
+                       [float(r["minutes"]) for r in rows], [float(r["ppl"]) for r in rows]))
+    return curves
+
+
+def learning_curves(folder: str, path: str):
+    plt = pyplot()
+    curves = read_curves(folder)
+    if not curves:
+        raise UserError(f"no curves in {folder} (train_lm.py --metrics-json files, or minutes,ppl CSV files)")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, minutes, ppl in curves:
+        ax.plot(minutes, ppl, marker="o", markersize=3, label=label)
+    ax.set_xlabel("training minutes (validation time included for train_lm.py)")
+    ax.set_ylabel("validation perplexity (forward LM)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Learning curves on 2 CPU cores (RESULTS.md has the commands)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def layer_weights(folder: str, path: str):
+    plt = pyplot()
+    bars = []
+    for p in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        with open(p) as f:
+            m = json.load(f)
+        for where, mix in (m.get("mix") or {}).items():
+            name = m.get("label") or os.path.splitext(os.path.basename(p))[0]
+            bars.append((f"{name}\n({where})" if len(m["mix"]) > 1 else name, mix["s"]))
+    if not bars:
+        raise UserError(f"no learned mixes in {folder} (train_sst.py / train_mnli.py --metrics-json files)")
+    n_layers = max(len(s) for _, s in bars)
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(bars)), 4))
+    width = 0.8 / n_layers
+    for j in range(n_layers):
+        ax.bar([i + (j - (n_layers - 1) / 2) * width for i in range(len(bars))], [s[j] for _, s in bars], width,
+               label=f"layer {j}" + (" (token, no context)" if j == 0 else ""))
+    ax.axhline(1 / n_layers, color="#888888", linestyle=":", linewidth=1)
+    ax.set_xticks(range(len(bars)), [name for name, _ in bars], fontsize=8)
+    ax.set_ylabel("softmax(w)_j, the learned layer weight")
+    ax.legend(fontsize=8)
+    ax.set_title("Which biLM layers each task uses (the paper's Figure 2; dotted: an even mix)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = ArgumentParser(__doc__)
+    p.add_argument("--preset", default="original", choices=sorted(PRESETS), help="the model diagram's sizes")
+    p.add_argument("--results", default=os.path.join(HERE, "results"), help="folder with curves/ and mix/")
+    p.add_argument("--out", default=os.path.join(HERE, "assets"), help="folder for the PNG files")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    model_diagram(args.preset, os.path.join(args.out, "model.png"))
+    learning_curves(os.path.join(args.results, "curves"), os.path.join(args.out, "learning_curves.png"))
+    layer_weights(os.path.join(args.results, "mix"), os.path.join(args.out, "layer_weights.png"))
+    print(f"wrote model.png, learning_curves.png and layer_weights.png to {args.out}")
+
+
+if __name__ == "__main__":
+    run_main(main)
