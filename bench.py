@@ -22,7 +22,7 @@ peak resident set size (VmHWM, reset per configuration through /proc/self/clear_
   python bench.py --threads 2 --preset small --mode infer train --lstm fused columns --cnn distinct token
   python bench.py --threads 2 --preset original --mode infer --repeats 3
   # a published file (clipped: the column cell), on real sentences
-  python bench.py --threads 2 --elmo elmo_2x4096_512_2048cnn_2xhighway_weights.hdf5 --lstm columns \
+  python bench.py --threads 2 --elmo elmo_2x4096_512_2048cnn_2xhighway_weights.hdf5 --lstm columns \\
       --cnn distinct remembered --text sentences.txt
   # a GPU: presets x dtypes x compile
   python bench.py --device cuda --preset small original --dtype float32 bfloat16 --compile off on \\

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import subprocess
 import sys
@@ -1241,6 +1242,41 @@ def test_hub_offline_fails_fast_naming_local_flags():
     r = run_script("train_lm.py", "--preset", "tiny", env={"HF_HUB_OFFLINE": "1"}, timeout=60)
     assert r.returncode == 2
     assert "--train-file" in r.stderr and "Traceback" not in r.stderr
+
+
+def documented_commands(text: str, script: str) -> list:
+    """`python SCRIPT ...` commands in `text`, continuation lines (ending in a backslash) joined, comments cut."""
+    commands, current = [], None
+    for line in text.splitlines():
+        s = line.strip()
+        if current is None and not s.startswith(f"python {script} "):
+            continue
+        current = s if current is None else f"{current} {s}"
+        if current.endswith("\\"):
+            current = current[:-1].rstrip()
+            continue
+        commands.append(current.split(" #")[0].strip())
+        current = None
+    return commands
+
+
+def test_documented_commands_parse_and_keep_their_line_breaks():
+    """Catches a README or --help command that no longer parses (a renamed or removed flag, a value out of
+    range), and a docstring whose `\\` continuation Python swallowed, so --help shows two lines run into
+    one."""
+    import re
+    import bench, train_lm, train_mnli, train_sst
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        readme = "\n".join(re.findall(r"```bash\n(.*?)```", f.read(), re.S))
+    checked = 0
+    for module in (train_lm, train_sst, train_mnli, bench):
+        script = module.__name__ + ".py"
+        for where, text in (("--help", module.__doc__), ("README", readme)):
+            for command in documented_commands(text, script):
+                assert not re.search(r"\S {3,}--", command), f"{script} {where}: lines run together: {command}"
+                module.parse_args(shlex.split(command)[2:])      # a bad flag exits 2 (SystemExit)
+                checked += 1
+    assert checked >= 25
 
 
 @pytest.mark.slow

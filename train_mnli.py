@@ -8,7 +8,7 @@ entailment, 1 neutral, 2 contradiction; -1 and '-' rows are dropped; an optional
 per-genre accuracy), or the hub (nyu-mll/multi_nli: matched and mismatched validation reported separately).
 
   # CPU smoke run from a fresh clone, under a minute (the tiny biLM of train_lm.py's smoke run)
-  python train_mnli.py --elmo /tmp/tiny.pt --train-file testdata/sample_nli.tsv \
+  python train_mnli.py --elmo /tmp/tiny.pt --train-file testdata/sample_nli.tsv \\
       --dev-file testdata/sample_nli.tsv --max-steps 30 --out /tmp/mnli.pt --overwrite
   # a real run: MultiNLI from the hub (or --data-dir DIR with train.tsv and dev.tsv; --device cuda)
   python train_mnli.py --elmo lm.pt --max-minutes 15 --out mnli.pt
