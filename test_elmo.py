@@ -1225,18 +1225,6 @@ def test_train_lm_end_to_end_then_eval_only(tiny_files, tiny_lm):
     assert m_stream["ppl"] != m["ppl"] and m_stream["ppl_forward"] < 15
 
 
-def test_glove_initialises_known_words(tmp_path):
-    """Catches a --glove loader that misaligns rows with the vocabulary or accepts the wrong width."""
-    import train_lm
-    f = tmp_path / "glove.txt"
-    f.write_text("cat 1 2 3\nunknownword 4 5 6\nsat 7 8 9\n")
-    vectors = train_lm.read_glove(str(f), data.SPECIALS + ["sat", "cat"], 3, log=lambda m: None)
-    assert set(vectors) == {4, 5}
-    assert vectors[5].tolist() == [1, 2, 3] and vectors[4].tolist() == [7, 8, 9]
-    with pytest.raises(UserError, match="glove.txt:1"):
-        train_lm.read_glove(str(f), data.SPECIALS, 4, log=lambda m: None)
-
-
 def test_hub_offline_fails_fast_naming_local_flags():
     """Catches a hub path that hangs or dies with a traceback when there is no network."""
     r = run_script("train_lm.py", "--preset", "tiny", env={"HF_HUB_OFFLINE": "1"}, timeout=60)
@@ -1602,8 +1590,6 @@ def bad_inputs(d, tiny_lm):
          ["zero.txt", "empty"]),
         ("0-byte --valid-file, eval-only", ["train_lm.py", "--eval-only", "--ckpt", str(tiny_lm), "--valid-file",
                                              str(d / "zero.txt")], ["zero.txt", "empty"]),
-        ("0-byte --glove", lm + ["--train-file", good, "--token-encoder", "word", "--glove", str(d / "zero.txt")],
-         ["zero.txt", "empty"]),
         ("sst: 0-byte --train-file", sst + ["--train-file", str(d / "zero.txt"), "--dev-file", ok],
          ["zero.txt", "empty"]),
         ("mnli: 0-byte --train-file", nli + ["--train-file", str(d / "zero.txt")], ["zero.txt", "empty"]),

@@ -71,8 +71,6 @@ def parse_args(argv=None):
                    "vocabularies and still exactly normalised; default: the preset's")
     g.add_argument("--vocab-size", type=int, default=50000, help="LM vocabulary: most frequent training "
                    "words, specials included (paper: 793,471)")
-    g.add_argument("--glove", help="word encoder only: initialise word vectors from a GloVe-format text "
-                   "file ('word v1 v2 ...' per line)")
     g = p.add_argument_group("data")
     g.add_argument("--train-file", nargs="+", help="text file(s), one sentence per line")
     g.add_argument("--valid-file", nargs="+", help="validation text file(s)")
@@ -208,23 +206,6 @@ def load_corpus(files, split, args, log, vocab=None):
                              args.skip_bad_lines, args.data_workers, log)
     corpus = data.Corpus.open_shard(shard, vocab, args.vocab_size)
     return corpus, corpus.vocab
-
-
-def read_glove(path, vocab, dim, log):
-    """GloVe text file -> (V, dim) tensor for the vocabulary words it covers (others stay random)."""
-    data.check_file(path, "--glove file")
-    stoi = {w: i for i, w in enumerate(vocab)}
-    vectors, found = {}, 0
-    for number, line in data.read_lines(path):
-        parts = line.rstrip().split(" ")
-        if len(parts) != dim + 1:
-            raise UserError(f"{path}:{number}: expected a word and {dim} numbers (--word-embed-dim of the "
-                            f"preset), found {len(parts) - 1} numbers")
-        if parts[0] in stoi:
-            vectors[stoi[parts[0]]] = torch.tensor([float(x) for x in parts[1:]])
-            found += 1
-    log(f"glove: {found:,} of {len(vocab):,} vocabulary words initialised from {path}")
-    return vectors
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -544,9 +525,9 @@ def load_data(args, dist, start, log):
     return train, valid, vocab
 
 
-def build_model(args, start, init, vocab, log):
-    """The biLM: `start`'s architecture, or --preset with the model flags over it (GloVe vectors with
-    --glove); --init-from's weights. -> (model, config)."""
+def build_model(args, start, init, vocab):
+    """The biLM: `start`'s architecture, or --preset with the model flags over it; --init-from's weights.
+    -> (model, config)."""
     if start:
         config = ELMoConfig.from_dict(start["config"])
     else:
@@ -559,12 +540,6 @@ def build_model(args, start, init, vocab, log):
     if args.lstm == "fused" and (config.cell_clip or config.proj_clip):
         raise UserError("--lstm fused cannot clip: set --cell-clip 0 --proj-clip 0, or use reference")
     model = BiLM(config, impl=args.lstm)
-    if args.glove and not start:
-        if config.token_encoder != "word":
-            raise UserError("--glove needs --token-encoder word")
-        with torch.no_grad():
-            for i, v in read_glove(args.glove, vocab, config.word_embed_dim, log).items():
-                model.token_encoder.embed.weight[i] = v
     if init:
         model.load_state_dict(init["model"])
     return model, config
@@ -627,7 +602,7 @@ def pretrain(args, dist, dtype, autocast, defaults, log):
     train, valid, vocab = load_data(args, dist, resume or init, log)
 
     # ---- model and optimizer ------------------------------------------------------------------------
-    model, config = build_model(args, resume or init, init, vocab, log)
+    model, config = build_model(args, resume or init, init, vocab)
     model.to(device)
     opt, lr = make_optimizer(args, model)
     run = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "trained_seconds": 0.0, "best": float("inf"),
