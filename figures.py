@@ -20,6 +20,7 @@ import csv
 import glob
 import json
 import os
+import textwrap
 
 from elmo import PRESETS, ELMoConfig
 from runtime import ArgumentParser, UserError, run_main
@@ -103,6 +104,7 @@ def read_curves(folder: str) -> list:
 
 def learning_curves(folder: str, path: str):
     plt = pyplot()
+    from matplotlib import ticker
     curves = read_curves(folder)
     if not curves:
         raise UserError(f"no curves in {folder} (train_lm.py --metrics-json files, or minutes,ppl CSV files)")
@@ -111,7 +113,10 @@ def learning_curves(folder: str, path: str):
         ax.plot(minutes, ppl, marker="o", markersize=3, label=label)
     ax.set_xlabel("training minutes (validation time included for train_lm.py)")
     ax.set_ylabel("validation perplexity (forward LM)")
-    ax.set_yscale("log")
+    ax.set_yscale("log")                       # plain numbers on the log axis, not powers of ten
+    ax.yaxis.set_major_locator(ticker.FixedLocator([100, 125, 150, 175, 200, 250, 300, 400, 500, 700, 1000]))
+    ax.yaxis.set_minor_locator(ticker.NullLocator())
+    ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("Learning curves on 2 CPU cores (RESULTS.md has the commands)", fontsize=10)
@@ -128,6 +133,7 @@ def layer_weights(folder: str, path: str):
             m = json.load(f)
         for where, mix in (m.get("mix") or {}).items():
             name = m.get("label") or os.path.splitext(os.path.basename(p))[0]
+            name = textwrap.fill(name, 16)     # tick labels side by side must not overlap
             bars.append((f"{name}\n({where})" if len(m["mix"]) > 1 else name, mix["s"]))
     if not bars:
         raise UserError(f"no learned mixes in {folder} (train_sst.py / train_mnli.py --metrics-json files)")
@@ -138,6 +144,7 @@ def layer_weights(folder: str, path: str):
         ax.bar([i + (j - (n_layers - 1) / 2) * width for i in range(len(bars))], [s[j] for _, s in bars], width,
                label=f"layer {j}" + (" (token, no context)" if j == 0 else ""))
     ax.axhline(1 / n_layers, color="#888888", linestyle=":", linewidth=1)
+    ax.set_ylim(0, 1.35 * max(max(s) for _, s in bars))      # room for the legend above the bars
     ax.set_xticks(range(len(bars)), [name for name, _ in bars], fontsize=8)
     ax.set_ylabel("softmax(w)_j, the learned layer weight")
     ax.legend(fontsize=8)
