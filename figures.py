@@ -97,8 +97,12 @@ def read_curves(folder: str) -> list:
     for path in sorted(glob.glob(os.path.join(folder, "*.csv"))):
         with open(path) as f:
             rows = [r for r in csv.DictReader(line for line in f if not line.startswith("#"))]
-        curves.append((rows[0].get("label") or os.path.splitext(os.path.basename(path))[0],
-                       [float(r["minutes"]) for r in rows], [float(r["ppl"]) for r in rows]))
+        try:
+            curves.append((rows[0].get("label") or os.path.splitext(os.path.basename(path))[0],
+                           [float(r["minutes"]) for r in rows], [float(r["ppl"]) for r in rows]))
+        except (IndexError, KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: expected a header with minutes and ppl (and label) and one row of numbers "
+                            f"a line (quote a label that holds a comma)") from None
     return curves
 
 

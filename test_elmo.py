@@ -1530,7 +1530,8 @@ def test_cache_gives_the_same_logits(tiny_lm, tmp_path, where):
 
 def test_figures_render_from_the_committed_kind_of_data(tmp_path):
     """Catches a figure command that no longer runs on the files the scripts write (a renamed metrics key:
-    "history", "mix"), a figure not written, or one grown past the README's size budget. Skipped without
+    "history", "mix"), a figure not written, one grown past the README's size budget, or a traceback from a
+    malformed curve file. Skipped without
     matplotlib, which only figures.py needs."""
     pytest.importorskip("matplotlib", reason="matplotlib is optional: only figures.py uses it")
     import figures
@@ -1545,6 +1546,9 @@ def test_figures_render_from_the_committed_kind_of_data(tmp_path):
         png = (tmp_path / "assets" / name).read_bytes()
         assert png.startswith(b"\x89PNG") and 1_000 < len(png) < 200_000, name
     assert figures.read_curves(str(tmp_path / "curves"))[0] == ("a biLM", [1.0, 2.0, 3.0], [400.0, 250.0, 190.0])
+    (tmp_path / "curves" / "bad.csv").write_text("label,minutes,ppl\nwlm, 2 threads,1.5,300\n")   # unquoted comma
+    with pytest.raises(UserError, match="bad.csv"):
+        figures.read_curves(str(tmp_path / "curves"))
     (tmp_path / "mix" / "sst2.json").unlink()
     with pytest.raises(UserError, match="no learned mixes"):
         figures.layer_weights(str(tmp_path / "mix"), str(tmp_path / "x.png"))
