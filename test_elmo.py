@@ -1531,8 +1531,7 @@ def test_cache_gives_the_same_logits(tiny_lm, tmp_path, where):
 def test_figures_render_from_the_committed_kind_of_data(tmp_path):
     """Catches a figure command that no longer runs on the files the scripts write (a renamed metrics key:
     "history", "mix"), a figure not written, one grown past the README's size budget, or a traceback from a
-    malformed curve file. Skipped without
-    matplotlib, which only figures.py needs."""
+    malformed curve file. Skipped without matplotlib, which only figures.py needs."""
     pytest.importorskip("matplotlib", reason="matplotlib is optional: only figures.py uses it")
     import figures
     (tmp_path / "curves").mkdir()
