@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import PAD_ID, batch_to_ids, bucket_batches, build_vocab, write_lm_text
-from elmo import PRESETS, BiLM, ELMoConfig, ElmoEmbedder, length_mask, load_elmo
+from elmo import PRESETS, BiLM, ELMoConfig, Elmo, length_mask, load_elmo
 from runtime import (CHECKPOINT_FORMAT, StopSignal, UserError, abort_nonfinite, all_finite, atomic_save,
                      check_numbers, check_out_dir, fmt_time, last_path, load_checkpoint, log_stdout,
                      refuse_overwrite, write_metrics)
@@ -38,7 +38,7 @@ class LayerCache:
     fp16 file instead: half the bytes, paged in and out by the OS, for data whose layers exceed RAM (the
     mix and the task model then see the layers rounded to fp16, about 3 significant digits)."""
 
-    def __init__(self, elmo: ElmoEmbedder, sentences, path: str | None = None, batch_tokens: int = 8000,
+    def __init__(self, elmo: Elmo, sentences, path: str | None = None, batch_tokens: int = 8000,
                  log=None):
         unique = sorted({tuple(s) for s in sentences}, key=len)
         self.offsets, n_rows = {}, 0
@@ -108,7 +108,7 @@ class TokenFeatures(nn.Module):
         # each place with its own scalar mix ("another set of output specific linear weights").
         self.elmo_at = elmo_at if bilm is not None else "input"
         n_mixes = 2 if self.elmo_at == "both" else 1
-        self.elmo = ElmoEmbedder(bilm, n_mixes, layer_norm, elmo_dropout) if bilm is not None else None
+        self.elmo = Elmo(bilm, n_mixes, layer_norm, elmo_dropout) if bilm is not None else None
         self.embed = None
         if word_vocab and word_dim:
             self.word_index = {w: i for i, w in enumerate(word_vocab)}

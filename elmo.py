@@ -4,7 +4,7 @@ Peters et al., 2018, "Deep contextualized word representations" (arXiv:1802.0536
 bottom; it follows the order in which a sentence flows through the model:
 
     config -> character CNN -> highway -> LSTM cell -> LSTM stacks -> biLM with LM head
-           -> scalar mix -> ELMo embedder -> load_elmo
+           -> scalar mix -> ELMo (the frozen biLM with its mixes) -> load_elmo
            -> speed paths: exact variants of the CNN and the cell, each tested equal to the plain one
 
 Nothing else lives here. Beside it: `data.py` (text -> character ids, corpora, batches), `published.py`
@@ -52,7 +52,7 @@ Deviations from the paper / bilm-tf and from AllenNLP, and why:
      stored bit for bit and `export` writes it back unchanged. Our own models start with forget bias 1.0.
   6. The character CNN runs once per *distinct* token of a batch and only over the character positions
      that can matter (`encode_distinct`); both are exact, and tested against the per-token path. A frozen
-     biLM (`load_elmo`, `ElmoEmbedder`) also remembers token embeddings across batches (`TokenMemo`, a
+     biLM (`load_elmo`, `Elmo`) also remembers token embeddings across batches (`TokenMemo`, a
      bounded table), as AllenNLP's `vocab_to_cache` did, without naming the vocabulary in advance.
   7. Scalar-mix layer norm is AllenNLP's: mean and variance over all unmasked elements of the whole batch
      (not per token). It is faithful to AllenNLP's numbers, and so batch-dependent; it is off by default.
@@ -496,9 +496,9 @@ class ScalarMix(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The ELMo embedder: a frozen biLM and task-specific scalar mixes (paper section 3.3).
+# ELMo: a frozen biLM and task-specific scalar mixes (paper section 3.3).
 # ---------------------------------------------------------------------------------------------------------
-class ElmoEmbedder(nn.Module):
+class Elmo(nn.Module):
     """Frozen biLM + `n_outputs` scalar mixes + dropout. Only the mixes train. As AllenNLP's `Elmo`, the
     mix runs over the layers *with* <S>/</S> (so layer-norm statistics match it), then drops them.
 
@@ -530,7 +530,7 @@ class ElmoEmbedder(nn.Module):
 
     def forward(self, inputs):
         layers, mask_bos_eos = self.layers(inputs)
-        return {"elmo": self.mix(layers, mask_bos_eos), "mask": mask_bos_eos[:, 2:]}
+        return {"elmo_representations": self.mix(layers, mask_bos_eos), "mask": mask_bos_eos[:, 2:]}
 
     def l2_penalty(self):
         """sum ||w||^2 of the mix weights: the paper's lambda term, pulls the mix towards an average."""

@@ -20,7 +20,7 @@ import torch
 
 import data
 from data import UserError, batch_to_ids
-from elmo import PRESETS, BiLM, ELMoConfig, ElmoEmbedder, ScalarMix, count_parameters, load_elmo, reverse_within_length
+from elmo import PRESETS, BiLM, ELMoConfig, Elmo, ScalarMix, count_parameters, load_elmo, reverse_within_length
 from runtime import atomic_save, load_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -434,7 +434,7 @@ def test_remembered_tokens_give_the_same_layers_and_skip_the_cnn():
 
 
 def test_frozen_bilm_remembers_tokens_by_default_and_training_never_does(tmp_path):
-    """Catches the token memo missing where the biLM is frozen (load_elmo, ElmoEmbedder, so embed,
+    """Catches the token memo missing where the biLM is frozen (load_elmo, Elmo, so embed,
     neighbors and the task scripts' caching), present where a biLM trains, unbounded, or returning what
     older weights computed after the weights changed (a fine-tuned biLM must not meet a stale memo)."""
     from dataclasses import asdict
@@ -447,7 +447,7 @@ def test_frozen_bilm_remembers_tokens_by_default_and_training_never_does(tmp_pat
     frozen = load_elmo(str(tmp_path / "m.pt"))
     memo = frozen.token_encoder.memo
     assert memo is not None and memo.max_tokens == TOKEN_MEMO_MIB * 2 ** 20 // (4 * model.config.projection_dim)
-    assert ElmoEmbedder(tiny_model(vocab_size=0)).bilm.token_encoder.memo is not None
+    assert Elmo(tiny_model(vocab_size=0)).bilm.token_encoder.memo is not None
     ids = batch_to_ids(SENTENCES)
     with torch.no_grad():
         plain = model(ids)["activations"]
@@ -848,12 +848,12 @@ def test_elmo_embedder_matches_allennlp(golden, official):
     <S>/</S> after mixing) against AllenNLP's `Elmo` output, with and without layer norm."""
     ids = batch_to_ids(json.loads(str(golden["sentences_json"])))
     for layer_norm, key in ((False, "elmo_representation"), (True, "elmo_representation_layer_norm")):
-        embedder = ElmoEmbedder(official, n_outputs=1, layer_norm=layer_norm, dropout=0.0)
+        embedder = Elmo(official, n_outputs=1, layer_norm=layer_norm, dropout=0.0)
         with torch.no_grad():
             embedder.mixes[0].weights.copy_(torch.from_numpy(golden["mix_weights"]))
             out = embedder(ids)
         assert torch.equal(out["mask"], torch.from_numpy(golden["mask"]))
-        assert torch.allclose(out["elmo"][0], torch.from_numpy(golden[key]), atol=ATOL), key
+        assert torch.allclose(out["elmo_representations"][0], torch.from_numpy(golden[key]), atol=ATOL), key
 
 
 def test_published_names_find_their_options(tmp_path, golden):
