@@ -499,14 +499,17 @@ class ScalarMix(nn.Module):
 # ELMo: a frozen biLM and task-specific scalar mixes (paper section 3.3).
 # ---------------------------------------------------------------------------------------------------------
 class Elmo(nn.Module):
-    """Frozen biLM + `n_outputs` scalar mixes + dropout. Only the mixes train. As AllenNLP's `Elmo`, the
-    mix runs over the layers *with* <S>/</S> (so layer-norm statistics match it), then drops them.
+    """Frozen biLM + `n_outputs` scalar mixes + dropout. Only the mixes train (`requires_grad=True`: the
+    biLM too, AllenNLP's fine-tuning). As AllenNLP's `Elmo`, the mix runs over the layers *with* <S>/</S>
+    (so layer-norm statistics match it), then drops them.
 
     `layers()` is the expensive, frozen part; its output can be cached per example and fed to `mix()`."""
 
-    def __init__(self, bilm: BiLM, n_outputs: int = 1, layer_norm: bool = False, dropout: float = 0.5):
+    def __init__(self, bilm: BiLM, n_outputs: int = 1, layer_norm: bool = False, dropout: float = 0.5,
+                 requires_grad: bool = False):
         super().__init__()
-        self.bilm = bilm.freeze()                       # eval mode, no gradients, the token memo on
+        self.bilm = bilm.freeze().requires_grad_(requires_grad)   # eval mode (no dropout), the token memo on
+        self.requires_grad = requires_grad
         n_layers = bilm.config.n_layers + 1
         self.mixes = nn.ModuleList(ScalarMix(n_layers, layer_norm) for _ in range(n_outputs))
         self.dropout = nn.Dropout(dropout)
@@ -517,10 +520,10 @@ class Elmo(nn.Module):
         self.bilm.eval()                                # the biLM never leaves eval mode (no dropout)
         return self
 
-    @torch.no_grad()
     def layers(self, inputs):
         """(B, T, W) char ids -> L+1 layers (B, T+2, 2P) with boundaries, and the mask (B, T+2)."""
-        out = self.bilm(inputs, boundaries=True)
+        with torch.set_grad_enabled(self.requires_grad and torch.is_grad_enabled()):
+            out = self.bilm(inputs, boundaries=True)
         return out["activations"], out["mask"]
 
     def mix(self, layers, mask_bos_eos):

@@ -8,6 +8,7 @@ biLM's weights, both ways, with every TensorFlow quirk commented where it is han
     official_weights    (config values, our state_dict) -> (options, datasets): the inverse, step by step
     convert_official    options + weights -> one of our biLM checkpoints (`python elmo.py convert`)
     export_official     config + state -> DIR/options.json + DIR/weights.hdf5 (`python elmo.py export`)
+    local_copy          a path, or an http(s) URL downloaded once into the cache folder and reused
 
 This module works on plain values (config dicts, state dicts, arrays), not on the model's classes:
 `elmo.load_elmo` builds the biLM from what `read_official` returns.
@@ -19,7 +20,7 @@ import os
 
 import torch
 
-from data import MAX_CHARS, check_file
+from data import MAX_CHARS, check_file, default_cache_dir
 from runtime import CHECKPOINT_FORMAT, UserError, disk_full, is_disk_full
 
 
@@ -259,3 +260,43 @@ def convert_official(options_file: str, weights_file: str) -> dict:
             "step": 0,
             "args": {"converted_from": {"options": os.path.abspath(options_file),
                                         "weights": os.path.abspath(weights_file)}}}
+
+
+def local_copy(path_or_url, cache_dir: str | None = None, timeout: float = 60.0, log=None) -> str:
+    """A local path (str or pathlib.Path) is returned as it is; an http(s) URL is downloaded once into
+    `cache_dir` (default: the `published` folder of the data cache, `$ELMO_DATA_CACHE` or
+    ~/.cache/elmo-pytorch) and that copy is returned, now and on every later call. Files from one URL folder
+    land in one local folder under their own names, so a published pair stays a pair (`find_options`). The
+    download goes to a temporary name first: an interrupted one never stands under the final name."""
+    import hashlib
+    import shutil
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+    text = os.fspath(path_or_url)
+    if not text.startswith(("http://", "https://")):
+        return text
+    folder_url, name = text.rsplit("/", 1)
+    folder = os.path.join(cache_dir or os.path.join(default_cache_dir(), "published"),
+                          hashlib.sha256(folder_url.encode()).hexdigest()[:16])
+    path = os.path.join(folder, urllib.parse.unquote(name) or "download")
+    if os.path.isfile(path):
+        return path
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    if log:
+        log(f"downloading {text} -> {path}")
+    try:
+        with urllib.request.urlopen(text, timeout=timeout) as response, open(tmp, "wb") as f:
+            shutil.copyfileobj(response, f, 1 << 20)
+        os.replace(tmp, path)
+    except (OSError, urllib.error.URLError) as e:    # URLError, HTTPError, timeouts and a full disk are OSErrors
+        if is_disk_full(e):
+            raise disk_full(path, "nothing was kept") from None
+        reason = getattr(e, "reason", None) or e
+        raise UserError(f"cannot download {text} ({reason}); download it where you can and pass the local "
+                        f"file's path instead of the URL") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

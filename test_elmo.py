@@ -1073,6 +1073,219 @@ def test_bad_published_files_are_one_line_exit_2_and_write_nothing(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# AllenNLP's ELMo API (allennlp_compat.py): the cases of AllenNLP's own tests, on the golden fixture
+# ---------------------------------------------------------------------------------------------------------
+FIXTURE_OPTIONS, FIXTURE_WEIGHTS = os.path.join(GOLDEN, "options.json"), os.path.join(GOLDEN, "weights.hdf5")
+
+
+def golden_layers(golden, i):
+    """AllenNLP's three layers of golden sentence i without <S>/</S>: (3, n, 2P)."""
+    n = int(golden["lengths"][i])
+    return np.stack([golden[f"layer_{k}"][i, 1:n + 1] for k in range(3)])
+
+
+def test_compat_elmo_gives_allennlps_numbers_and_shapes(golden):
+    """Catches a compatibility layer that has AllenNLP's names but not its numbers: `Elmo` with fixed
+    `scalar_mix_parameters`, with and without `do_layer_norm`, against AllenNLP's `Elmo` outputs; the fixed
+    mix training after all (AllenNLP's trainable=False); `keep_sentence_boundaries` dropping them anyway or
+    with the wrong mask; input with extra leading dimensions (AllenNLP's 4-D case) giving other numbers."""
+    from allennlp_compat import Elmo, batch_to_ids as compat_ids
+    sentences = json.loads(str(golden["sentences_json"]))
+    ids = compat_ids(sentences)
+    assert torch.equal(ids, torch.from_numpy(golden["char_ids"]))
+    w = golden["mix_weights"].tolist()
+    for layer_norm, key in ((False, "elmo_representation"), (True, "elmo_representation_layer_norm")):
+        elmo = Elmo(FIXTURE_OPTIONS, FIXTURE_WEIGHTS, 2, do_layer_norm=layer_norm, dropout=0.0,
+                    scalar_mix_parameters=w)
+        out = elmo(ids)
+        assert set(out) == {"elmo_representations", "mask"} and len(out["elmo_representations"]) == 2
+        assert out["mask"].dtype == torch.bool and torch.equal(out["mask"], torch.from_numpy(golden["mask"]))
+        for r in out["elmo_representations"]:
+            assert np.allclose(r.detach().numpy(), golden[key], atol=ATOL), key
+        assert elmo.get_output_dim() == 32 and not [p for p in elmo.parameters() if p.requires_grad]
+    kept = Elmo(FIXTURE_OPTIONS, FIXTURE_WEIGHTS, 1, dropout=0.0, keep_sentence_boundaries=True,
+                scalar_mix_parameters=w)(ids)
+    assert torch.equal(kept["mask"], torch.from_numpy(golden["mask_bos_eos"]))
+    assert np.allclose(kept["elmo_representations"][0].detach().numpy(), golden["scalar_mix_bos_eos"], atol=ATOL)
+    trainable = Elmo(FIXTURE_OPTIONS, FIXTURE_WEIGHTS, 1, dropout=0.0)
+    assert sorted(n for n, p in trainable.named_parameters() if p.requires_grad) == ["mixes.0.gamma",
+                                                                                      "mixes.0.weights"]
+    four_d = trainable(torch.stack([ids[:6]] * 3, dim=1))                     # (6, 3, T, 50)
+    alone = trainable(ids[:6])
+    assert four_d["mask"].shape == (6, 3, ids.shape[1]) and four_d["elmo_representations"][0].shape[:3] == (6, 3, 30)
+    for k in range(3):
+        assert torch.allclose(four_d["elmo_representations"][0][:, k], alone["elmo_representations"][0], atol=1e-6)
+
+
+def test_compat_elmo_word_inputs_module_and_requires_grad(golden):
+    """Catches `vocab_to_cache` + `word_inputs` giving other numbers than the characters (or reading the
+    characters where AllenNLP reads the words), an id outside the cached list not falling back to the
+    characters, `module=` refusing one of our biLMs or accepting files beside it, and `requires_grad`
+    not reaching the biLM (or leaking into it when False), AllenNLP's TestElmoRequiresGrad."""
+    from allennlp_compat import ConfigurationError, Elmo, batch_to_ids as compat_ids
+    sentences = [["This", "is", "a", "sentence"], ["Here", "'s", "one"], ["Another", "one"]]
+    vocab = ["@@PADDING@@", "@@UNKNOWN@@"] + sorted({w for s in sentences for w in s})
+    word_ids = torch.tensor([[vocab.index(w) for w in s] + [0] * (4 - len(s)) for s in sentences])
+    chars = compat_ids(sentences)
+    plain = Elmo(FIXTURE_OPTIONS, FIXTURE_WEIGHTS, 1, dropout=0.0)(chars)["elmo_representations"][0]
+    cached = Elmo(FIXTURE_OPTIONS, FIXTURE_WEIGHTS, 1, dropout=0.0, vocab_to_cache=vocab)
+    assert torch.allclose(cached(chars, word_ids)["elmo_representations"][0], plain, atol=1e-6)
+    # AllenNLP's cached path reads the words and ignores the characters ...
+    assert torch.allclose(cached(compat_ids([["x"] * 4] * 3), word_ids)["elmo_representations"][0], plain,
+                          atol=1e-6)
+    # ... unless an id is outside the cached list: then the characters run
+    other = compat_ids([["x"] * 4] * 3)
+    out_of_range = cached(other, torch.full((3, 4), len(vocab)))["elmo_representations"][0]
+    assert torch.allclose(out_of_range, cached(other)["elmo_representations"][0]) and not torch.allclose(
+        out_of_range, plain, atol=1e-3)
+    four_d = cached(torch.stack([chars] * 2, 1), torch.stack([word_ids] * 2, 1))["elmo_representations"][0]
+    assert torch.allclose(four_d[:, 1], plain, atol=1e-6)
+    bilm = load_elmo(FIXTURE_WEIGHTS)
+    assert torch.allclose(Elmo(None, None, 1, dropout=0.0, module=bilm)(chars)["elmo_representations"][0],
+                          plain, atol=1e-6)
+    with pytest.raises(ConfigurationError, match="Don't provide options_file or weight_file"):
+        Elmo(FIXTURE_OPTIONS, FIXTURE_WEIGHTS, 1, module=bilm)
+    torch.manual_seed(0)
+    random_chars = torch.randint(0, 262, (3, 4, 50))
+    for requires_grad in (True, False):
+        elmo = Elmo(FIXTURE_OPTIONS, FIXTURE_WEIGHTS, 1, requires_grad=requires_grad)
+        elmo(random_chars)["elmo_representations"][0].sum().backward()
+        grads = [p.grad for p in elmo.bilm.parameters()]
+        assert all(g is not None for g in grads) if requires_grad else all(g is None for g in grads)
+        assert elmo.mixes[0].weights.grad is not None
+
+
+def test_compat_embedder_numbers_order_laziness_and_empty_sentences(golden):
+    """Catches ElmoEmbedder arrays that differ from AllenNLP's layers, come back in another order than
+    the sentences (our batches are sorted inside), read the whole iterable before yielding (AllenNLP's
+    `embed_sentences` is lazy), an empty sentence that crashes or gets AllenNLP's hard-coded (3, 0, 1024)
+    instead of the model's width, and a batch that holds an empty sentence shifting the others."""
+    from allennlp_compat import ElmoEmbedder
+    import pathlib
+    embedder = ElmoEmbedder(pathlib.Path(FIXTURE_OPTIONS), pathlib.Path(FIXTURE_WEIGHTS))
+    sentences = json.loads(str(golden["sentences_json"]))
+    consumed = []
+
+    def stream():
+        for s in sentences:
+            consumed.append(s)
+            yield s
+    arrays = embedder.embed_sentences(stream(), batch_size=3)
+    first = next(arrays)
+    assert len(consumed) == 3                                   # one batch read, not the whole input
+    arrays = [first, *arrays]
+    assert len(arrays) == len(sentences)
+    for i, a in enumerate(arrays):
+        assert a.dtype == np.float32 and a.shape == (3, len(sentences[i]), 32)
+        assert np.allclose(a, golden_layers(golden, i), atol=ATOL), i
+    assert np.allclose(embedder.embed_sentence(sentences[4]), golden_layers(golden, 4), atol=ATOL)
+    activations, mask = embedder.batch_to_embeddings(sentences[:2])
+    assert activations.shape == (2, 3, max(map(len, sentences[:2])), 32) and mask.shape == activations.shape[::2]
+    assert embedder.embed_batch([[]])[0].shape == (3, 0, 32)
+    mixed = embedder.embed_batch([sentences[0], [], sentences[1]])
+    assert [a.shape[1] for a in mixed] == [len(sentences[0]), 0, len(sentences[1])]
+    assert np.allclose(mixed[2], golden_layers(golden, 1), atol=ATOL)
+
+
+def test_compat_embed_file_formats_keys_and_refusals(tmp_path, golden):
+    """Catches AllenNLP's embed_file cases (its tests): the three output formats with the wrong shape or
+    numbers, sentence keys, `forget_sentences` still writing the index, an open file not accepted (or a
+    path not accepted), and a blank line or a repeated sentence key found after part of the file was
+    written instead of before anything is."""
+    import h5py
+    from allennlp_compat import ConfigurationError, ElmoEmbedder
+    embedder = ElmoEmbedder(FIXTURE_OPTIONS, FIXTURE_WEIGHTS)
+    sentences = json.loads(str(golden["sentences_json"]))[:6]
+    (tmp_path / "in.txt").write_text("\n".join(" ".join(s) for s in sentences) + "\n")
+    for fmt in ("all", "top", "average"):
+        out = tmp_path / f"{fmt}.hdf5"
+        with open(tmp_path / "in.txt") as f:
+            embedder.embed_file(f, out, output_format=fmt, batch_size=4)
+        with h5py.File(out, "r") as h5:
+            assert set(h5) == {str(i) for i in range(6)} | {"sentence_to_index"}
+            index = json.loads(h5["sentence_to_index"][0])
+            assert index == {" ".join(s): str(i) for i, s in enumerate(sentences)}
+            for i in range(6):
+                want = golden_layers(golden, i)
+                want = {"all": want, "top": want[-1], "average": want.mean(0)}[fmt]
+                assert h5[str(i)].dtype == np.float32 and np.allclose(h5[str(i)][...], want, atol=ATOL)
+    with pytest.raises(ConfigurationError, match="cannot name an HDF5 dataset"):   # the sentence "."
+        embedder.embed_file(str(tmp_path / "in.txt"), str(tmp_path / "keys.hdf5"), use_sentence_keys=True)
+    keyed = [" ".join(s) for s in sentences if s != ["."]]
+    (tmp_path / "keyed.txt").write_text("\n".join(keyed) + "\n")
+    embedder.embed_file(str(tmp_path / "keyed.txt"), str(tmp_path / "keys.hdf5"), use_sentence_keys=True)
+    with h5py.File(tmp_path / "keys.hdf5", "r") as h5:
+        assert set(h5) == set(keyed) and len(keyed) == 5
+        assert np.allclose(h5[" ".join(sentences[0])][...], golden_layers(golden, 0), atol=ATOL)
+    embedder.embed_file(tmp_path / "in.txt", tmp_path / "forget.hdf5", forget_sentences=True)
+    with h5py.File(tmp_path / "forget.hdf5", "r") as h5:
+        assert set(h5) == {str(i) for i in range(6)}
+    (tmp_path / "dup.txt").write_text("a b\nc\na b\n")
+    embedder.embed_file(tmp_path / "dup.txt", tmp_path / "dup.hdf5")            # duplicates: fine by index
+    with h5py.File(tmp_path / "dup.hdf5", "r") as h5:
+        assert json.loads(h5["sentence_to_index"][0]) == {"a b": "2", "c": "1"}   # the last one, as AllenNLP
+    with pytest.raises(ConfigurationError, match="Key already exists"):
+        embedder.embed_file(tmp_path / "dup.txt", tmp_path / "dupkeys.hdf5", use_sentence_keys=True)
+    (tmp_path / "blank.txt").write_text("a b\n\nc\n   \n")
+    with pytest.raises(ConfigurationError, match=r"empty lines at indexes \[1, 3\]"):
+        embedder.embed_file(tmp_path / "blank.txt", tmp_path / "blank.hdf5")
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(("dupkeys", "blank.hdf5", "keys.hdf5.partial"))]
+
+
+def test_compat_urls_download_once_and_offline_is_one_line(tmp_path, monkeypatch):
+    """Catches URLs passed to AllenNLP's API not working (the published defaults are URLs), a download
+    repeated on every construction, a half download left under the final name, and an unreachable URL
+    giving a traceback instead of one line naming it and what to do. The server is started here, on
+    127.0.0.1; nothing reaches the internet."""
+    import functools
+    import http.server
+    import socket
+    import threading
+    from allennlp_compat import ElmoEmbedder
+    monkeypatch.setenv("ELMO_DATA_CACHE", str(tmp_path / "cache"))
+    published_pair(tmp_path / "www" / "elmo")
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            requests.append(self.path)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(Handler, directory=str(tmp_path / "www")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}/elmo/elmo_tiny_"
+        embedder = ElmoEmbedder(base + "options.json", base + "weights.hdf5")
+        assert np.allclose(embedder.embed_sentence(["a", "b"]),
+                           ElmoEmbedder(FIXTURE_OPTIONS, FIXTURE_WEIGHTS).embed_sentence(["a", "b"]))
+        assert len(requests) == 2
+        ElmoEmbedder(base + "options.json", base + "weights.hdf5")
+        assert len(requests) == 2                                         # the cached copies, reused
+        cached = [f for _, _, files in os.walk(tmp_path / "cache") for f in files]
+        assert sorted(cached) == ["elmo_tiny_options.json", "elmo_tiny_weights.hdf5"]
+        with pytest.raises(UserError) as e:
+            ElmoEmbedder(base + "options.json", base + "missing_weights.hdf5")
+    finally:
+        server.shutdown()
+    message = str(e.value)
+    assert "\n" not in message and "missing_weights.hdf5" in message and "local file" in message
+    with socket.socket() as s:                                            # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    with pytest.raises(UserError, match=f"cannot download http://127.0.0.1:{closed}/x_weights.hdf5"):
+        ElmoEmbedder(base + "options.json", f"http://127.0.0.1:{closed}/x_weights.hdf5")
+    assert not [f for _, _, files in os.walk(tmp_path / "cache") for f in files if f.endswith(".tmp")]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_compat_cuda_device_without_a_gpu_is_one_line():
+    """Catches `ElmoEmbedder(..., cuda_device=0)` on a machine without a GPU failing deep in torch with a
+    traceback about CUDA initialisation, instead of one line saying what to pass."""
+    from allennlp_compat import ElmoEmbedder
+    with pytest.raises(UserError, match="cuda_device=0: this machine has no CUDA GPUs; pass cuda_device=-1"):
+        ElmoEmbedder(FIXTURE_OPTIONS, FIXTURE_WEIGHTS, cuda_device=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Data: tokenising, token shards (a corpus tokenised once, on disk, memory-mapped), task files
 # ---------------------------------------------------------------------------------------------------------
 def test_ptb_tokenizer_cuts_raw_text_the_way_sst_is_cut():

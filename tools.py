@@ -53,18 +53,28 @@ def embed_file(bilm: BiLM, input_path: str, output: str, layers: str = "all", ba
                tokenizer: str = "whitespace", encoding: str = "utf-8", job: dict | None = None,
                log=print) -> int:
     """ELMo vectors of every line of a text file -> HDF5, in the layout of AllenNLP's `allennlp elmo`
-    command, so code that read those files reads these: one float32 dataset per line, named by the line's
-    index ("0", "1", ...), shape (L+1, n, 2P) for layers="all", (n, 2P) for "top" (the last layer) and
-    "average" (the mean of all L+1); and a dataset "sentence_to_index" holding the JSON map from each
-    (stripped) line to its index. An empty line gets a dataset with n = 0 (AllenNLP refused such files), so
-    dataset i is always line i.
-
-    The file is written as `output + ".partial"` and renamed to `output` when complete. An interrupted run
-    leaves the partial file; the same command (same `job`: input, model, options) continues from it."""
-    import h5py
+    command (`write_embeddings`): dataset i is line i, and "sentence_to_index" maps each (stripped) line to
+    its index. An empty line gets a dataset with n = 0 (AllenNLP refused such files), so dataset i is
+    always line i. Returns the number of lines."""
     from data import read_lines, tokenize
     lines = [text.strip() for _, text in read_lines(input_path, encoding)]
-    sentences = [tokenize(text, tokenizer) for text in lines]
+    write_embeddings(bilm, [tokenize(text, tokenizer) for text in lines], output, layers, batch_size,
+                     index={text: str(i) for i, text in enumerate(lines)}, job=job, log=log)
+    return len(lines)
+
+
+def write_embeddings(bilm: BiLM, sentences: list, output: str, layers: str = "all", batch_size: int = 64,
+                     keys: list | None = None, index: dict | None = None, job: dict | None = None, log=print):
+    """Sentences (token lists) -> an HDF5 file in the layout of AllenNLP's `allennlp elmo`, so code that
+    read those files reads these: one float32 dataset per sentence, named keys[i] (default "0", "1", ...),
+    shape (L+1, n, 2P) for layers="all", (n, 2P) for "top" (the last layer) and "average" (the mean of all
+    L+1); and, when `index` is given, a dataset "sentence_to_index" holding it as JSON. The one writer of
+    `python elmo.py embed` and `allennlp_compat.ElmoEmbedder.embed_file`.
+
+    The file is written as `output + ".partial"` and renamed to `output` when complete. An interrupted run
+    leaves the partial file; the same call (same `job`: input, model, options) continues from it."""
+    import h5py
+    keys = keys or [str(i) for i in range(len(sentences))]
     job = json.dumps(job or {}, sort_keys=True)
     partial = output + ".partial"
     h5 = None
@@ -76,7 +86,7 @@ def embed_file(bilm: BiLM, input_path: str, output: str, layers: str = "all", ba
                 h5.close()
                 h5 = None
             else:
-                log(f"continuing {partial}: {len(h5):,} of {len(lines):,} lines already there")
+                log(f"continuing {partial}: {len(h5):,} of {len(sentences):,} lines already there")
         except OSError:
             log(f"{partial} is unreadable (interrupted while writing): starting over")
             h5 = None
@@ -84,7 +94,7 @@ def embed_file(bilm: BiLM, input_path: str, output: str, layers: str = "all", ba
         h5 = h5py.File(partial, "w")
         h5.attrs["job"] = job
     try:            # on any failure the partial file stays behind, closed, for the same command to continue
-        todo = [i for i in range(len(sentences)) if str(i) not in h5]
+        todo = [i for i in range(len(sentences)) if keys[i] not in h5]
         progress = Progress("embed", sum(len(sentences[i]) for i in todo), "tokens")
         for n, (i, vectors) in enumerate(embed_sentences(bilm, [sentences[i] for i in todo], batch_size,
                                                          progress)):
@@ -92,13 +102,13 @@ def embed_file(bilm: BiLM, input_path: str, output: str, layers: str = "all", ba
                 vectors = vectors[-1]                               # (L+1, n, 2P) -> (n, 2P)
             elif layers == "average":
                 vectors = vectors.mean(dim=0)                       # (L+1, n, 2P) -> (n, 2P)
-            h5.create_dataset(str(todo[i]), data=vectors.numpy())
+            h5.create_dataset(keys[todo[i]], data=vectors.numpy())
             if n % batch_size == batch_size - 1:
                 h5.flush()                                          # what a later run can continue from
-        index = {text: str(i) for i, text in enumerate(lines)}
         if "sentence_to_index" in h5:                               # killed just before the rename
             del h5["sentence_to_index"]
-        h5.create_dataset("sentence_to_index", (1,), dtype=h5py.string_dtype(), data=[json.dumps(index)])
+        if index is not None:
+            h5.create_dataset("sentence_to_index", (1,), dtype=h5py.string_dtype(), data=[json.dumps(index)])
         h5.close()
     except BaseException as e:
         try:
@@ -110,7 +120,6 @@ def embed_file(bilm: BiLM, input_path: str, output: str, layers: str = "all", ba
                             "it") from None
         raise
     os.replace(partial, output)
-    return len(lines)
 
 
 def nearest_words(bilm: BiLM, word: str, vocabulary: list, k: int = 5):
