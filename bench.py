@@ -24,6 +24,8 @@ peak resident set size (VmHWM, reset per configuration through /proc/self/clear_
   # a published file (clipped: the column cell), on real sentences
   python bench.py --threads 2 --elmo elmo_2x4096_512_2048cnn_2xhighway_weights.hdf5 --lstm columns \\
       --cnn distinct remembered --text sentences.txt
+  # the job users run, against AllenNLP's own ELMo (needs its modules: the command says how to get them)
+  python bench.py --suite allennlp --allennlp ALLENNLP_DIR --text valid.txt --lines 600 --threads 2
   # a GPU: presets x dtypes x compile
   python bench.py --device cuda --preset small original --dtype float32 bfloat16 --compile off on \\
       --batch 128x20 --json bench_gpu.json
@@ -37,6 +39,7 @@ import platform
 import random
 import resource
 import statistics
+import sys
 import time
 
 import torch
@@ -77,13 +80,20 @@ def parse_args(argv=None):
     g.add_argument("--repeats", type=int, default=5, help="timed calls; the median is reported")
     g.add_argument("--json", default="bench.json", help="every configuration's numbers")
     g = p.add_argument_group("the GPU check (one prepared command for a short GPU session)")
-    g.add_argument("--suite", choices=["gpu"], help="gpu: the bench table for --sizes (inference and "
-                   "training, fp32 and bf16, eager and compiled, the clipped published layout), a 2-minute "
+    g.add_argument("--suite", choices=["gpu", "allennlp"], help="gpu: the bench table for --sizes (inference "
+                   "and training, fp32 and bf16, eager and compiled, the clipped published layout), a 2-minute "
                    "train_lm.py run on a generated corpus, elmo.py embed and a train_sst.py run from its "
-                   "checkpoint; writes DIR/gpu_check.json and DIR/gpu_check.md (see gpu_suite)")
+                   "checkpoint; writes DIR/gpu_check.json and DIR/gpu_check.md (see gpu_suite). allennlp: "
+                   "allennlp_compat.ElmoEmbedder.embed_file against AllenNLP 0.9's embed_file loop on AllenNLP "
+                   "2.10's own biLM, the first --lines of --text, each of --sizes exported with clipping 3 "
+                   "(see allennlp_suite)")
     g.add_argument("--sizes", nargs="+", default=["small", "original"], choices=sorted(PRESETS),
-                   help="--suite gpu: the presets of the bench table (tiny: the CPU dry run)")
+                   help="--suite gpu: the presets of the bench table (tiny: the CPU dry run); --suite "
+                   "allennlp: the architectures compared")
     g.add_argument("--out", help="--suite gpu: the folder for its files")
+    g.add_argument("--allennlp", help="--suite allennlp: a folder holding the `allennlp` package (AllenNLP "
+                   "2.10.1's wheel unpacked), when `import allennlp` does not work")
+    g.add_argument("--lines", type=int, default=600, help="--suite allennlp: sentences of --text embedded")
     args = p.parse_args(argv)
     try:
         args.batch = [tuple(int(n) for n in b.lower().split("x")) for b in args.batch]
@@ -91,7 +101,8 @@ def parse_args(argv=None):
         raise UserError(f"--batch takes BxT, e.g. 32x25, not {args.batch}") from None
     if any(len(b) != 2 or min(b) < 1 for b in args.batch):
         raise UserError(f"--batch needs BxT with B, T >= 1, not {' '.join('x'.join(map(str, b)) for b in args.batch)}")
-    check_numbers(args, {"threads": (0, None), "vocab_size": (5, None), "warmup": (0, None), "repeats": (1, None)})
+    check_numbers(args, {"threads": (0, None), "vocab_size": (5, None), "warmup": (0, None), "repeats": (1, None),
+                         "lines": (1, None)})
     return args
 
 
@@ -411,6 +422,136 @@ def suite_markdown(report) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# --suite allennlp: the embedding job users run, here and in AllenNLP's own code
+# ---------------------------------------------------------------------------------------------------------
+HOW_TO_GET_ALLENNLP = ("pip download allennlp==2.10.1 --no-deps -d W && python -m zipfile -e "
+                       "W/allennlp-2.10.1-py3-none-any.whl ALLENNLP_DIR, then --allennlp ALLENNLP_DIR "
+                       "(AllenNLP itself installs only on Python <= 3.9 with torch < 1.13)")
+
+
+def allennlp_biLM_class(folder: str | None):
+    """AllenNLP 2.10's `_ElmoBiLm`, unmodified: from a working `import allennlp`, else from `folder` (the
+    2.10.1 wheel unpacked). AllenNLP's package __init__ files import all of AllenNLP (spaCy, transformers,
+    ...), so the packages are entered without running them, and the few unrelated names its ELMo modules
+    import (configuration registries, the dataset and vocabulary classes of `batch_to_ids`, file caching)
+    are stubbed. Its modules elmo, elmo_lstm, lstm_cell_with_projection, encoder_base, highway, scalar_mix,
+    data/token_indexers/elmo_indexer, nn/util, nn/initializers and common/checks run as AllenNLP wrote them."""
+    import importlib
+    import types
+    try:
+        return importlib.import_module("allennlp.modules.elmo")._ElmoBiLm
+    except Exception:  # noqa: BLE001  (not installed, or installed without the packages it imports)
+        for name in [m for m in sys.modules if m == "allennlp" or m.startswith("allennlp.")]:
+            del sys.modules[name]
+    if not folder or not os.path.isfile(os.path.join(folder, "allennlp", "modules", "elmo.py")):
+        raise UserError(f"--suite allennlp needs AllenNLP's ELMo modules ({'no allennlp/modules/elmo.py in ' + folder if folder else 'import allennlp failed'}): {HOW_TO_GET_ALLENNLP}")
+
+    class Stub:                                     # FromParams, Registrable and the data classes
+        @classmethod
+        def register(cls, *args, **kwargs):
+            return lambda registered: registered
+
+    def module(name, package=False, **names):
+        m = types.ModuleType(name)
+        if package:
+            m.__path__ = [os.path.join(folder, *name.split("."))]
+        m.__dict__.update(names)
+        sys.modules[name] = m
+
+    for name in ("allennlp", "allennlp.data", "allennlp.data.token_indexers", "allennlp.modules", "allennlp.nn"):
+        module(name, package=True)
+    module("allennlp.common", package=True, FromParams=Stub, Registrable=Stub)
+    module("allennlp.common.file_utils", cached_path=lambda path, *args, **kwargs: path)
+    module("allennlp.common.util", lazy_groups_of=None, pad_sequence_to_length=None, is_distributed=lambda: False,
+           is_global_primary=lambda: True, int_to_device=lambda d: d if isinstance(d, torch.device)
+           else torch.device("cpu") if d < 0 else torch.device(d))
+    for name, cls in (("instance", "Instance"), ("vocabulary", "Vocabulary"), ("batch", "Batch"),
+                      ("fields", "TextField")):
+        module(f"allennlp.data.{name}", **{cls: Stub})
+    module("allennlp.data.tokenizers", package=True, Token=Stub)
+    module("allennlp.data.tokenizers.token_class", Token=Stub)
+    module("allennlp.data.token_indexers.token_indexer", TokenIndexer=Stub, IndexedTokenList=dict)
+    return importlib.import_module("allennlp.modules.elmo")._ElmoBiLm
+
+
+def allennlp_embed_file(bilm, sentences, path, batch_size=64):
+    """AllenNLP 0.9's `ElmoEmbedder.embed_file` loop (format "all"), written out: the sentences in file
+    order, batches of `batch_size`, the biLM's layers without <S>/</S>, one float32 dataset per sentence
+    and the sentence_to_index map. Its state is reset before each batch (0.9 carried it over) so that both
+    sides compute the same numbers; resetting costs nothing."""
+    import h5py
+    import json as json_lib
+    remove = sys.modules["allennlp.nn.util"].remove_sentence_boundaries
+    with h5py.File(path, "w") as fout:
+        for start in range(0, len(sentences), batch_size):
+            batch = sentences[start: start + batch_size]
+            bilm._elmo_lstm.reset_states()
+            out = bilm(data.batch_to_ids(batch))          # AllenNLP's ids (test_batch_to_ids_matches_allennlp)
+            without = [remove(layer, out["mask"]) for layer in out["activations"]]
+            activations, mask = torch.cat([a.unsqueeze(1) for a, _ in without], dim=1), without[0][1]
+            for i in range(len(batch)):
+                n = int(mask[i].sum())
+                fout.create_dataset(str(start + i), data=activations[i, :, :n].detach().cpu().numpy())
+        index = fout.create_dataset("sentence_to_index", (1,), dtype=h5py.string_dtype())
+        index[0] = json_lib.dumps({" ".join(s): str(i) for i, s in enumerate(sentences)})
+
+
+def allennlp_suite(args):
+    """`--suite allennlp`: for each of --sizes, the published layout with clipping 3 (our untrained BiLM,
+    seed 0, written by `export_official`), the first --lines sentences of --text embedded by
+    `allennlp_compat.ElmoEmbedder.embed_file` and by AllenNLP's loop on AllenNLP's `_ElmoBiLm`, alternated
+    (--repeats rounds, AllenNLP first), then the largest difference between the two files."""
+    import tempfile
+    from dataclasses import asdict
+
+    import h5py
+    import numpy as np
+    from allennlp_compat import ElmoEmbedder
+    from published import export_official
+    if not args.text:
+        raise UserError("--suite allennlp needs --text FILE: one whitespace-tokenised sentence a line")
+    AllenBiLM = allennlp_biLM_class(args.allennlp)
+    lines = [line.strip() for _, line in data.read_lines(args.text) if line.strip()][: args.lines]
+    sentences = [line.split() for line in lines]
+    n_tokens = sum(map(len, sentences))
+    print(f"--suite allennlp | {len(lines):,} sentences, {n_tokens:,} tokens of {args.text} | threads "
+          f"{torch.get_num_threads()} | torch {torch.__version__}", flush=True)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        text = os.path.join(tmp, "input.txt")               # the sentences as ElmoEmbedder.embed_file reads them
+        with open(text, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        for size in args.sizes:
+            torch.manual_seed(0)
+            config = ELMoConfig(**PRESETS[size], cell_clip=3.0, proj_clip=3.0, vocab_size=0)
+            options, weights = export_official(asdict(config), BiLM(config).state_dict(), os.path.join(tmp, size))
+            for r in range(args.repeats):
+                theirs, ours = os.path.join(tmp, f"{size}_allennlp.hdf5"), os.path.join(tmp, f"{size}_ours.hdf5")
+                bilm = AllenBiLM(options, weights)
+                t = time.perf_counter()
+                allennlp_embed_file(bilm, sentences, theirs)
+                allennlp_s = time.perf_counter() - t
+                embedder = ElmoEmbedder(options, weights)
+                t = time.perf_counter()
+                embedder.embed_file(text, ours)
+                ours_s = time.perf_counter() - t
+                with h5py.File(theirs, "r") as a, h5py.File(ours, "r") as b:
+                    diff = max(float(np.abs(a[k][...] - b[k][...]).max(initial=0)) for k in a if k != "sentence_to_index")
+                    same_index = a["sentence_to_index"][0] == b["sentence_to_index"][0]
+                row = {"size": size, "round": r + 1, "allennlp_s": allennlp_s, "ours_s": ours_s,
+                       "allennlp_tokens_per_s": n_tokens / allennlp_s, "ours_tokens_per_s": n_tokens / ours_s,
+                       "speedup": allennlp_s / ours_s, "max_abs_diff": diff, "same_index": bool(same_index)}
+                results.append(row)
+                print(f"{size:>8} round {r + 1} | AllenNLP {row['allennlp_tokens_per_s']:,.0f} tokens/s "
+                      f"({allennlp_s:.1f}s) | ours {row['ours_tokens_per_s']:,.0f} tokens/s ({ours_s:.1f}s) | "
+                      f"{row['speedup']:.2f}x | max |diff| {diff:.1e} | same index {bool(same_index)}", flush=True)
+                del bilm, embedder
+    write_json(args.json, {"suite": "allennlp", "text": args.text, "sentences": len(lines), "tokens": n_tokens,
+                           "threads": torch.get_num_threads(), "torch": torch.__version__, "results": results})
+    print(f"wrote {args.json}")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------------------
 def main(argv=None):
@@ -420,6 +561,8 @@ def main(argv=None):
     device = pick_device(args.device)
     if args.suite == "gpu":
         return gpu_suite(args, device)
+    if args.suite == "allennlp":
+        return allennlp_suite(args)
     name = device_name(device)
     print(f"device {device} ({name}) | torch {torch.__version__} | threads {torch.get_num_threads()} | "
           f"warmup {args.warmup}, median of {args.repeats}", flush=True)

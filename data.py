@@ -696,6 +696,29 @@ def read_tsv(path: str, columns: list[str], encoding="utf-8", skip_bad_lines=Fal
         yield number, {c: parts[i] for c, i in zip(columns, index)}
 
 
+def read_token_lines(path: str, n_fields: int, separator: str, layout: str, encoding="utf-8") -> list:
+    """CoNLL-style files: one token a line, `n_fields` fields split on `separator`, a blank line between
+    sentences -> sentences, each a list of field tuples. A line with another number of fields is an error
+    naming the file, the line and the expected `layout`."""
+    sentences, current = [], []
+    for number, line in read_lines(path, encoding):
+        if not line.strip():
+            if current:
+                sentences.append(current)
+                current = []
+            continue
+        fields = line.split(separator)
+        if len(fields) != n_fields or not all(fields):
+            raise UserError(f"{path}:{number}: expected {layout} (a blank line between sentences), found "
+                            f"{line[:60]!r}")
+        current.append(tuple(fields))
+    if current:
+        sentences.append(current)
+    if not sentences:
+        raise UserError(f"{path} has no sentences (only blank lines); expected {layout} lines")
+    return sentences
+
+
 # ---------------------------------------------------------------------------------------------------------
 # A task's text for the biLM (paper section 3.4: fine-tune the biLM on the task's text, labels dropped)
 # ---------------------------------------------------------------------------------------------------------

@@ -1466,11 +1466,11 @@ def test_documented_commands_parse_and_keep_their_line_breaks():
     range), and a docstring whose `\\` continuation Python swallowed, so --help shows two lines run into
     one."""
     import re
-    import bench, train_lm, train_mnli, train_sst
+    import bench, probe, train_lm, train_mnli, train_sst
     with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
         readme = "\n".join(re.findall(r"```bash\n(.*?)```", f.read(), re.S))
     checked = 0
-    for module in (train_lm, train_sst, train_mnli, bench):
+    for module in (train_lm, train_sst, train_mnli, bench, probe):
         script = module.__name__ + ".py"
         for where, text in (("--help", module.__doc__), ("README", readme)):
             for command in documented_commands(text, script):
@@ -1739,6 +1739,125 @@ def test_cache_gives_the_same_logits(tiny_lm, tmp_path, where):
     assert torch.allclose(cached, expected, atol=tol)
     assert torch.allclose(again, expected.flip(0), atol=tol)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# probe.py: what each layer knows (paper section 5.3)
+# ---------------------------------------------------------------------------------------------------------
+def test_chunk_f1_counts_chunks_as_conll2000_does():
+    """Catches a chunk scorer that counts tags instead of chunks, lets a chunk with one wrong end count,
+    ignores a type change inside a run of I- tags, or drops the chunk that an I-X after O opens (the
+    CoNLL-2000 evaluation, conlleval, opens one there)."""
+    from probe import chunk_f1, chunks
+    assert chunks(["B-NP", "I-NP", "O", "B-VP"]) == {(0, 2, "NP"), (3, 4, "VP")}
+    assert chunks(["O", "I-NP", "I-NP"]) == {(1, 3, "NP")}                       # I- after O opens a chunk
+    assert chunks(["B-NP", "I-VP", "I-VP"]) == {(0, 1, "NP"), (1, 3, "VP")}      # a type change opens one
+    assert chunks(["B-NP", "B-NP"]) == {(0, 1, "NP"), (1, 2, "NP")}
+    gold = [["B-NP", "I-NP", "O", "B-VP"], ["B-PP", "B-NP", "I-NP"]]
+    assert chunk_f1(gold, gold) == 1.0
+    assert chunk_f1(gold, [["B-NP", "I-NP", "O", "I-VP"], ["B-PP", "B-NP", "I-NP"]]) == 1.0
+    # one end wrong: NP(0,1) instead of NP(0,2): 3 of 4 predicted chunks right, 3 of 4 gold found
+    predicted = [["B-NP", "O", "O", "B-VP"], ["B-PP", "B-NP", "I-NP"]]
+    assert chunk_f1(gold, predicted) == pytest.approx(2 * (3 / 4) * (3 / 4) / (3 / 4 + 3 / 4))
+    # one chunk split in two: 2 of 4 gold found, 2 of 5 predicted correct (conlleval: P 40%, R 50%)
+    predicted = [["B-NP", "B-NP", "O", "B-ADJP"], ["B-PP", "B-NP", "I-NP"]]
+    assert chunk_f1(gold, predicted) == pytest.approx(2 * 0.4 * 0.5 / 0.9)
+    assert chunk_f1(gold, [["O"] * 4, ["O"] * 3]) == 0.0
+
+
+def test_nearest_sense_takes_the_nearest_mean_of_the_words_own_senses():
+    """Catches a 1-nearest-neighbour sense that compares with single instances instead of each sense's
+    mean vector, measures by distance instead of cosine, or picks a sense of another word."""
+    from probe import nearest_sense
+    train = torch.tensor([[1.0, 0.0], [1.0, 0.2], [0.0, 1.0], [0.1, 0.9], [-1.0, 0.0]])
+    y = torch.tensor([0, 0, 1, 1, 2])                                    # senses 0, 1 of word A; 2 of word B
+    queries = torch.tensor([[10.0, 1.0], [0.2, 5.0], [-1.0, 0.1]])
+    allowed = torch.tensor([[True, True, False], [True, True, False], [True, True, False]])
+    assert nearest_sense(train, y, queries, allowed, 3).tolist() == [0, 1, 1]   # the third: not B's sense 2
+    assert nearest_sense(train, y, queries, torch.ones(3, 3, dtype=torch.bool), 3).tolist() == [0, 1, 2]
+    # the mean decides, not the nearest single instance: sense 1's mean (0.45, 0.55) beats sense 0's lone far one
+    train = torch.tensor([[1.0, 0.0], [-1.0, 0.1], [0.6, 0.4], [0.3, 0.7]])
+    assert nearest_sense(train, torch.tensor([0, 0, 1, 1]), torch.tensor([[0.95, 0.05]]),
+                         torch.tensor([[True, True]]), 2).tolist() == [1]
+
+
+def made_up_tags(n, seed):
+    """Sentences of words from two classes; each token's tag is the class of the token *before* it: a word
+    alone (layer 0) cannot know it, a layer that reads the context can."""
+    rng = random.Random(seed)
+    words = [f"{c}{i}" for c in "ab" for i in range(5)]
+    sentences = [[rng.choice(words) for _ in range(rng.randint(6, 10))] for _ in range(n)]
+    positions = [(i, t) for i, s in enumerate(sentences) for t in range(len(s))]
+    return {"sentences": sentences, "positions": positions, "words": [sentences[i][t] for i, t in positions],
+            "labels": ["start" if t == 0 else sentences[i][t - 1][0] for i, t in positions]}
+
+
+def test_probe_reads_context_from_the_lstm_layers_and_leaves_the_bilm_untouched():
+    """Catches probes fed the wrong layer or position (layer 0 is the context-free character CNN: it must
+    not beat the most-frequent-tag baseline on tags that only the previous word decides, while the mix of
+    the LSTM layers must), a gradient that reaches the frozen biLM, and probing that changes its weights."""
+    import argparse
+    from probe import probe_task
+    bilm = tiny_model(vocab_size=0)
+    before = {k: v.clone() for k, v in bilm.state_dict().items()}
+    splits = {"train": made_up_tags(300, 0), "dev": made_up_tags(60, 1)}
+    args = argparse.Namespace(lr=1e-2, batch_size=64, epochs=30, patience=3, seed=1)
+    metrics = probe_task("pos", Elmo(bilm, 1, dropout=0.0), splits, args, torch.device("cpu"), lambda m: None)
+    baseline, layers = metrics["baseline"]["dev"], {k: v["dev"] for k, v in metrics["layers"].items()}
+    assert layers["0"] < baseline + 0.1 and max(layers["mix"], layers["2"]) > baseline + 0.2, (layers, baseline)
+    assert all(torch.equal(before[k], v) for k, v in bilm.state_dict().items())
+    assert all(p.grad is None for p in bilm.parameters())
+    assert len(metrics["mix_weights"]) == 3 and abs(sum(metrics["mix_weights"]) - 1) < 1e-6
+
+
+@pytest.mark.slow
+def test_probe_smoke_commands_write_every_tasks_table(tiny_lm, tmp_path):
+    """Catches a probe.py command that does not run on its sample files, a metrics JSON without the keys
+    the figure reads (layers 0..L, mix, baseline, dev and test), scores outside [0, 1], and word sense
+    without its per-word table or the linear probe beside the 1-nearest-neighbour one."""
+    for task, sample in (("pos", "sample_pos.txt"), ("chunk", "sample_chunk.txt"), ("wsd", "sample_wsd.tsv")):
+        sample = os.path.join(GOLDEN, sample)
+        r = run_inprocess("probe.py", "--elmo", tiny_lm, "--task", task, "--train-file", sample, "--dev-file",
+                          sample, "--test-file", sample, "--epochs", 3, "--metrics-json", tmp_path / f"{task}.json")
+        assert r.returncode == 0, r.stderr
+        m = json.loads((tmp_path / f"{task}.json").read_text())
+        assert m["task"] == task and set(m["layers"]) == {"0", "1", "2", "mix"} and "scalar mix" in r.stdout
+        for scores in [*m["layers"].values(), m["baseline"]]:
+            assert set(scores) == {"dev", "test"} and all(0 <= s <= 1 for s in scores.values())
+        assert ("per_word" in m and set(m["per_word"]) == {"line", "play"} and set(m["linear"]) == set(m["layers"])) \
+            == (task == "wsd")
+
+
+def test_probe_bad_inputs_are_one_line_exit_2(tmp_path):
+    """Catches a traceback (an IndexError on a short line, a ValueError on a position, a KeyError on a
+    header) where a user needs one line naming the file, the line and the expected format."""
+    d = tmp_path
+    (d / "ok.txt").write_text("the\tDT\ncat\tNN\n\n")
+    (d / "onecolumn.txt").write_text("the\tDT\ncat\n\n")
+    (d / "twofields.txt").write_text("the DT B-NP\ncat NN\n\n")
+    (d / "blank.txt").write_text("\n\n\n")
+    (d / "empty.txt").write_text("")
+    (d / "ok.tsv").write_text("word\tsense\tposition\ttext\nline\tphone\t2\thold the line\n")
+    (d / "noposition.tsv").write_text("word\tsense\ttext\nline\tphone\thold the line\n")
+    (d / "outside.tsv").write_text("word\tsense\tposition\ttext\nline\tphone\t3\thold the line\n")
+    (d / "notanumber.tsv").write_text("word\tsense\tposition\ttext\nline\tphone\tthird\thold the line\n")
+    probe = ["probe.py", "--elmo", "random", "--preset", "tiny", "--dev-file", str(d / "ok.txt")]
+    wsd = ["probe.py", "--elmo", "random", "--preset", "tiny", "--task", "wsd", "--dev-file", str(d / "ok.tsv")]
+    assert_every_row_is_a_user_error([
+        ("a missing column", probe + ["--task", "pos", "--train-file", str(d / "onecolumn.txt")],
+         ["onecolumn.txt:2", "word<TAB>tag"]),
+        ("a chunk line of two fields", probe + ["--task", "chunk", "--train-file", str(d / "twofields.txt")],
+         ["twofields.txt:2", "word POS chunk"]),
+        ("only blank lines", probe + ["--task", "pos", "--train-file", str(d / "blank.txt")], ["no sentences"]),
+        ("an empty file", probe + ["--task", "pos", "--train-file", str(d / "empty.txt")], ["empty (0 bytes)"]),
+        ("no position column", wsd + ["--train-file", str(d / "noposition.tsv")], ["noposition.tsv", "position"]),
+        ("a position outside its text", wsd + ["--train-file", str(d / "outside.tsv")],
+         ["outside.tsv:2", "position 3 is outside its text (3 tokens"]),
+        ("a position that is not a number", wsd + ["--train-file", str(d / "notanumber.tsv")], ["whole number"]),
+        ("--elmo none", ["probe.py", "--elmo", "none", "--task", "pos", "--train-file", str(d / "ok.txt"),
+                         "--dev-file", str(d / "ok.txt")], ["--elmo none has no layers"]),
+        ("--epochs 0", probe + ["--task", "pos", "--train-file", str(d / "ok.txt"), "--epochs", "0"], ["--epochs"]),
+    ], d)
 
 
 def test_figures_render_from_the_committed_kind_of_data(tmp_path):

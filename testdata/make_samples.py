@@ -2,7 +2,8 @@
 
 Made-up sentences from the templates below, written for this project (free to redistribute with it): a
 text for train_lm.py, a sentiment TSV for train_sst.py and a sentence-pair TSV for train_mnli.py, all
-lower-cased and cut as SST and PTB are cut ("does n't"). They make every command run from a fresh clone
+lower-cased and cut as SST and PTB are cut ("does n't"); and for probe.py, the same kind of sentences with
+part-of-speech tags, with CoNLL-2000 chunks, and two ambiguous words in contexts that tell their senses. They make every command run from a fresh clone
 in seconds; they are not data to measure anything on (RESULTS.md says where the real data sets come from).
 """
 import os
@@ -43,6 +44,46 @@ def pair(rng):
     return premise, hypothesis, label
 
 
+# probe.py's samples: (words, POS tags, chunk tags) for each phrase of the templates
+TAGGED_PEOPLE = [("the director", "DT NN", "B-NP I-NP"), ("her brother", "PRP$ NN", "B-NP I-NP"),
+                 ("a child", "DT NN", "B-NP I-NP"), ("the old man", "DT JJ NN", "B-NP I-NP I-NP"),
+                 ("my friend", "PRP$ NN", "B-NP I-NP")]
+TAGGED_OBJECTS = [("a song", "DT NN", "B-NP I-NP"), ("dinner", "NN", "B-NP"), ("the news", "DT NN", "B-NP I-NP"),
+                  ("a letter", "DT NN", "B-NP I-NP")]
+SENSES = {"line": {"text": ["she read the first {} of the poem aloud .", "the actor forgot his {} again ."],
+                   "phone": ["please hold the {} for a moment .", "the {} went dead during the call ."],
+                   "cord": ["he tied the boat with a strong {} .", "hang the wet shirts on the {} ."]},
+          "play": {"theatre": ["we saw a {} by shakespeare last night .", "the {} opens on broadway in may ."],
+                   "game": ["the children {} in the garden .", "they {} chess every sunday ."]}}
+
+
+def tagged_sentence(rng):
+    """-> [(word, POS tag, chunk tag)] of one made-up sentence."""
+    phrases = [rng.choice(TAGGED_PEOPLE), (rng.choice(DOES), "VBZ", "B-VP"), rng.choice(TAGGED_OBJECTS)]
+    if rng.random() < 0.5:
+        phrases += [("in the garden", "IN DT NN", "B-PP B-NP I-NP")]
+    if rng.random() < 0.3:
+        phrases.insert(0, ("yesterday", "NN", "B-NP"))
+    phrases.append((".", ".", "O"))
+    return [token for words, tags, chunks in phrases for token in zip(words.split(), tags.split(), chunks.split())]
+
+
+def write_probe_samples(rng):
+    with open(os.path.join(HERE, "sample_pos.txt"), "w") as pos, \
+            open(os.path.join(HERE, "sample_chunk.txt"), "w") as chunk:
+        for _ in range(150):
+            tokens = tagged_sentence(rng)
+            pos.write("".join(f"{w}\t{t}\n" for w, t, _ in tokens) + "\n")
+            chunk.write("".join(f"{w} {t} {c}\n" for w, t, c in tokens) + "\n")
+    with open(os.path.join(HERE, "sample_wsd.tsv"), "w") as f:
+        f.write("word\tsense\tposition\ttext\n")
+        for _ in range(120):
+            word = rng.choice(sorted(SENSES))
+            sense = rng.choice(sorted(SENSES[word]))
+            text = rng.choice(SENSES[word][sense]).format(word)
+            f.write(f"{word}\t{sense}\t{text.split().index(word)}\t{text}\n")
+
+
 def main():
     rng = random.Random(0)
     with open(os.path.join(HERE, "sample_text.txt"), "w") as f:
@@ -57,6 +98,7 @@ def main():
         f.write("premise\thypothesis\tlabel\n")
         for _ in range(400):
             f.write("\t".join(pair(rng)) + "\n")
+    write_probe_samples(random.Random(1))
 
 
 if __name__ == "__main__":
