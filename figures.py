@@ -7,11 +7,14 @@
     assets/layer_weights.png  the paper's Figure 2 for this project: each task model's learned softmax(s_j)
                               over the biLM's layers, from results/mix/*.json (train_sst.py / train_mnli.py
                               --metrics-json: its "mix")
+    assets/probes.png         what each layer knows (paper section 5.3): per task, the dev score of a probe on
+                              each layer, on the mix and the baseline, from results/probe/TASK_MODEL.json
+                              (probe.py --metrics-json), one bar per MODEL
 
 A new measurement updates a figure: put its metrics JSON in the folder and run the command again. Needs
 matplotlib (`pip install matplotlib`), which nothing else in the project imports.
 
-  python figures.py                    # all three, into assets/
+  python figures.py                    # all four, into assets/
   python figures.py --preset small --out /tmp/figs
 """
 from __future__ import annotations
@@ -158,17 +161,54 @@ def layer_weights(folder: str, path: str):
     plt.close(fig)
 
 
+def probes(folder: str, path: str):
+    plt = pyplot()
+    tasks = {}                                  # task -> [(model, metrics)], from TASK_MODEL.json
+    for p in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        with open(p) as f:
+            m = json.load(f)
+        if "task" not in m or "layers" not in m or "baseline" not in m:
+            raise UserError(f"{p} is not a probe.py --metrics-json file (no task, layers or baseline)")
+        model = os.path.splitext(os.path.basename(p))[0].split("_", 1)[-1]
+        tasks.setdefault(m["task"], []).append((model, m))
+    if not tasks:
+        raise UserError(f"no probe results in {folder} (probe.py --metrics-json files named TASK_MODEL.json)")
+    order = [t for t in ("pos", "chunk", "wsd") if t in tasks] + sorted(set(tasks) - {"pos", "chunk", "wsd"})
+    fig, axes = plt.subplots(1, len(order), figsize=(4.2 * len(order), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], order):
+        runs = tasks[task]
+        names = list(runs[0][1]["layers"])
+        width = 0.8 / len(runs)
+        low = 1.0
+        for r, (model, m) in enumerate(runs):
+            values = [m["layers"][n]["dev"] for n in names]
+            low = min(low, *values, m["baseline"]["dev"])
+            ax.bar([i + (r - (len(runs) - 1) / 2) * width for i in range(len(names))], values, width, label=model)
+        ax.axhline(runs[0][1]["baseline"]["dev"], color="#444444", linestyle="--", linewidth=1,
+                   label="most frequent label")
+        ax.set_xticks(range(len(names)), [("layer " + n) if n != "mix" else "mix" for n in names], fontsize=8)
+        ax.set_ylim(max(0.0, low - 0.1), 1.0)
+        ax.set_title(f"{task}: dev {runs[0][1]['metric']}", fontsize=10)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("What each layer knows: a probe on one layer's vectors (layer 0: the character CNN, no context)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None):
     p = ArgumentParser(__doc__)
     p.add_argument("--preset", default="original", choices=sorted(PRESETS), help="the model diagram's sizes")
-    p.add_argument("--results", default=os.path.join(HERE, "results"), help="folder with curves/ and mix/")
+    p.add_argument("--results", default=os.path.join(HERE, "results"), help="folder with curves/, mix/ and probe/")
     p.add_argument("--out", default=os.path.join(HERE, "assets"), help="folder for the PNG files")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     model_diagram(args.preset, os.path.join(args.out, "model.png"))
     learning_curves(os.path.join(args.results, "curves"), os.path.join(args.out, "learning_curves.png"))
     layer_weights(os.path.join(args.results, "mix"), os.path.join(args.out, "layer_weights.png"))
-    print(f"wrote model.png, learning_curves.png and layer_weights.png to {args.out}")
+    probes(os.path.join(args.results, "probe"), os.path.join(args.out, "probes.png"))
+    print(f"wrote model.png, learning_curves.png, layer_weights.png and probes.png to {args.out}")
 
 
 if __name__ == "__main__":

@@ -1862,7 +1862,7 @@ def test_probe_bad_inputs_are_one_line_exit_2(tmp_path):
 
 def test_figures_render_from_the_committed_kind_of_data(tmp_path):
     """Catches a figure command that no longer runs on the files the scripts write (a renamed metrics key:
-    "history", "mix"), a figure not written, one grown past the README's size budget, or a traceback from a
+    "history", "mix", probe.py's "layers"), a figure not written, one grown past the README's size budget, or a traceback from a
     malformed curve file. Skipped without matplotlib, which only figures.py needs."""
     pytest.importorskip("matplotlib", reason="matplotlib is optional: only figures.py uses it")
     import figures
@@ -1872,8 +1872,14 @@ def test_figures_render_from_the_committed_kind_of_data(tmp_path):
     (tmp_path / "curves" / "lm.json").write_text(json.dumps({"label": "a biLM", "history": history}))
     (tmp_path / "curves" / "other.csv").write_text("# another program\nlabel,minutes,ppl\nwlm,1.5,300\nwlm,3,200\n")
     (tmp_path / "mix" / "sst2.json").write_text(json.dumps({"mix": {"input": {"s": [0.2, 0.5, 0.3], "gamma": 1.1}}}))
+    (tmp_path / "probe").mkdir()
+    for model in ("lm", "random"):
+        r = run_inprocess("probe.py", "--elmo", "random", "--preset", "tiny", "--task", "pos", "--epochs", 2,
+                          "--train-file", os.path.join(GOLDEN, "sample_pos.txt"), "--dev-file",
+                          os.path.join(GOLDEN, "sample_pos.txt"), "--metrics-json", tmp_path / "probe" / f"pos_{model}.json")
+        assert r.returncode == 0, r.stderr
     figures.main(["--preset", "tiny", "--results", str(tmp_path), "--out", str(tmp_path / "assets")])
-    for name in ("model.png", "learning_curves.png", "layer_weights.png"):
+    for name in ("model.png", "learning_curves.png", "layer_weights.png", "probes.png"):
         png = (tmp_path / "assets" / name).read_bytes()
         assert png.startswith(b"\x89PNG") and 1_000 < len(png) < 200_000, name
     assert figures.read_curves(str(tmp_path / "curves"))[0] == ("a biLM", [1.0, 2.0, 3.0], [400.0, 250.0, 190.0])
