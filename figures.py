@@ -188,11 +188,13 @@ def probes(folder: str, path: str):
                    label="most frequent label")
         ax.set_xticks(range(len(names)), [("layer " + n) if n != "mix" else "mix" for n in names], fontsize=8)
         ax.set_ylim(max(0.0, low - 0.1), 1.0)
-        ax.set_title(f"{task}: dev {runs[0][1]['metric']}", fontsize=10)
-        ax.legend(fontsize=7, loc="lower right")
+        method = " (1-nearest-neighbour sense)" if task == "wsd" else ""
+        ax.set_title(f"{task}: dev {runs[0][1]['metric']}{method}", fontsize=10)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     fig.suptitle("What each layer knows: a probe on one layer's vectors (layer 0: the character CNN, no context)",
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))         # room for the legend below the panels
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
