@@ -953,14 +953,14 @@ def test_embed_file_writes_allennlp_layout_and_continues_after_interruption(tmp_
                     expected = {"all": alone, "top": alone[-1], "average": alone.mean(0)}[layers]
                     assert np.allclose(v[...], expected.numpy(), atol=1e-5), (layers, i)
     # interrupted after the first batch: no final file; the rerun computes only the rest
-    real = tools.embed_sentences
+    real = tools.embed_by_length
 
     def interrupted(bilm, sentences, batch_size, progress=None):
         for n, item in enumerate(real(bilm, sentences, batch_size, progress)):
             if n == 7:
                 raise KeyboardInterrupt
             yield item
-    monkeypatch.setattr(tools, "embed_sentences", interrupted)
+    monkeypatch.setattr(tools, "embed_by_length", interrupted)
     out = tmp_path / "resumed.hdf5"
     with pytest.raises(KeyboardInterrupt):
         tools.embed_file(official, str(tmp_path / "in.txt"), str(out), "all", batch_size=4, job={"a": 1})
@@ -970,7 +970,7 @@ def test_embed_file_writes_allennlp_layout_and_continues_after_interruption(tmp_
     def counting(bilm, sentences, batch_size, progress=None):
         seen.extend(sentences)
         yield from real(bilm, sentences, batch_size, progress)
-    monkeypatch.setattr(tools, "embed_sentences", counting)
+    monkeypatch.setattr(tools, "embed_by_length", counting)
     tools.embed_file(official, str(tmp_path / "in.txt"), str(out), "all", batch_size=4, job={"a": 1},
                     log=lambda m: None)
     assert 0 < len(seen) < len(lines)

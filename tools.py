@@ -27,11 +27,12 @@ from runtime import (ArgumentParser, Progress, UserError, atomic_save, check_num
 # Tools around the model, as functions (importable) and as `python elmo.py convert | export | embed |
 # neighbors` (the parser at the end).
 # ---------------------------------------------------------------------------------------------------------
-def embed_sentences(bilm: BiLM, sentences: list, batch_size: int = 64, progress=None):
-    """Yield (index, layers) for every sentence: layers is (L+1, n, 2P), the sentence's n tokens in every
-    ELMo layer, without <S> and </S>; an empty sentence gives (L+1, 0, 2P). Sentences go through the biLM in
-    batches of similar length (sorted), so little is spent on padding; `progress(done_tokens)` is called
-    after each batch. The biLM is stateless, so the order of the batches changes nothing."""
+def embed_by_length(bilm: BiLM, sentences: list, batch_size: int = 64, progress=None):
+    """Yield (index, layers) for every sentence, shortest first: layers is (L+1, n, 2P), the sentence's n
+    tokens in every ELMo layer, without <S> and </S>; an empty sentence gives (L+1, 0, 2P). Sentences go
+    through the biLM in batches of similar length (sorted), so little is spent on padding; `progress(
+    done_tokens)` is called after each batch. The biLM is stateless, so the order of the batches changes
+    nothing. (AllenNLP's `embed_sentences` yields in input order, lazily: `allennlp_compat` has that one.)"""
     device = next(bilm.parameters()).device
     width = 2 * bilm.config.projection_dim
     order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
@@ -96,7 +97,7 @@ def write_embeddings(bilm: BiLM, sentences: list, output: str, layers: str = "al
     try:            # on any failure the partial file stays behind, closed, for the same command to continue
         todo = [i for i in range(len(sentences)) if keys[i] not in h5]
         progress = Progress("embed", sum(len(sentences[i]) for i in todo), "tokens")
-        for n, (i, vectors) in enumerate(embed_sentences(bilm, [sentences[i] for i in todo], batch_size,
+        for n, (i, vectors) in enumerate(embed_by_length(bilm, [sentences[i] for i in todo], batch_size,
                                                          progress)):
             if layers == "top":
                 vectors = vectors[-1]                               # (L+1, n, 2P) -> (n, 2P)
@@ -147,7 +148,7 @@ def nearest_occurrences(bilm: BiLM, sentences: list, word: str, layer: int = -1,
         return occurrences, []
     used = sorted({s for s, _ in occurrences})
     vectors = {}
-    for j, layers in embed_sentences(bilm, [sentences[s] for s in used], batch_size):
+    for j, layers in embed_by_length(bilm, [sentences[s] for s in used], batch_size):
         vectors[used[j]] = layers[layer]                                               # (n, 2P)
     v = F.normalize(torch.stack([vectors[s][t] for s, t in occurrences]), dim=1)       # (O, 2P)
     cos = v @ v.T                                                                      # (O, O)
