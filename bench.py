@@ -79,7 +79,7 @@ def parse_args(argv=None):
     g.add_argument("--warmup", type=int, default=2, help="untimed calls first")
     g.add_argument("--repeats", type=int, default=5, help="timed calls; the median is reported")
     g.add_argument("--json", default="bench.json", help="every configuration's numbers")
-    g = p.add_argument_group("the GPU check (one prepared command for a short GPU session)")
+    g = p.add_argument_group("prepared suites (the GPU check for a short GPU session; the AllenNLP comparison)")
     g.add_argument("--suite", choices=["gpu", "allennlp"], help="gpu: the bench table for --sizes (inference "
                    "and training, fp32 and bf16, eager and compiled, the clipped published layout), a 2-minute "
                    "train_lm.py run on a generated corpus, elmo.py embed and a train_sst.py run from its "
@@ -429,7 +429,7 @@ HOW_TO_GET_ALLENNLP = ("pip download allennlp==2.10.1 --no-deps -d W && python -
                        "(AllenNLP itself installs only on Python <= 3.9 with torch < 1.13)")
 
 
-def allennlp_biLM_class(folder: str | None):
+def allennlp_bilm_class(folder: str | None):
     """AllenNLP 2.10's `_ElmoBiLm`, unmodified: from a working `import allennlp`, else from `folder` (the
     2.10.1 wheel unpacked). AllenNLP's package __init__ files import all of AllenNLP (spaCy, transformers,
     ...), so the packages are entered without running them, and the few unrelated names its ELMo modules
@@ -444,7 +444,8 @@ def allennlp_biLM_class(folder: str | None):
         for name in [m for m in sys.modules if m == "allennlp" or m.startswith("allennlp.")]:
             del sys.modules[name]
     if not folder or not os.path.isfile(os.path.join(folder, "allennlp", "modules", "elmo.py")):
-        raise UserError(f"--suite allennlp needs AllenNLP's ELMo modules ({'no allennlp/modules/elmo.py in ' + folder if folder else 'import allennlp failed'}): {HOW_TO_GET_ALLENNLP}")
+        found = f"no allennlp/modules/elmo.py in {folder}" if folder else "import allennlp failed"
+        raise UserError(f"--suite allennlp needs AllenNLP's ELMo modules ({found}): {HOW_TO_GET_ALLENNLP}")
 
     class Stub:                                     # FromParams, Registrable and the data classes
         @classmethod
@@ -480,7 +481,6 @@ def allennlp_embed_file(bilm, sentences, path, batch_size=64):
     and the sentence_to_index map. Its state is reset before each batch (0.9 carried it over) so that both
     sides compute the same numbers; resetting costs nothing."""
     import h5py
-    import json as json_lib
     remove = sys.modules["allennlp.nn.util"].remove_sentence_boundaries
     with h5py.File(path, "w") as fout:
         for start in range(0, len(sentences), batch_size):
@@ -493,7 +493,7 @@ def allennlp_embed_file(bilm, sentences, path, batch_size=64):
                 n = int(mask[i].sum())
                 fout.create_dataset(str(start + i), data=activations[i, :, :n].detach().cpu().numpy())
         index = fout.create_dataset("sentence_to_index", (1,), dtype=h5py.string_dtype())
-        index[0] = json_lib.dumps({" ".join(s): str(i) for i, s in enumerate(sentences)})
+        index[0] = json.dumps({" ".join(s): str(i) for i, s in enumerate(sentences)})
 
 
 def allennlp_suite(args):
@@ -510,7 +510,7 @@ def allennlp_suite(args):
     from published import export_official
     if not args.text:
         raise UserError("--suite allennlp needs --text FILE: one whitespace-tokenised sentence a line")
-    AllenBiLM = allennlp_biLM_class(args.allennlp)
+    AllenBiLM = allennlp_bilm_class(args.allennlp)
     lines = [line.strip() for _, line in data.read_lines(args.text) if line.strip()][: args.lines]
     sentences = [line.split() for line in lines]
     n_tokens = sum(map(len, sentences))

@@ -269,8 +269,8 @@ def local_copy(path_or_url, cache_dir: str | None = None, timeout: float = 60.0,
     land in one local folder under their own names, so a published pair stays a pair (`find_options`). The
     download goes to a temporary name first: an interrupted one never stands under the final name."""
     import hashlib
+    import http.client
     import shutil
-    import urllib.error
     import urllib.parse
     import urllib.request
     text = os.fspath(path_or_url)
@@ -290,7 +290,7 @@ def local_copy(path_or_url, cache_dir: str | None = None, timeout: float = 60.0,
         with urllib.request.urlopen(text, timeout=timeout) as response, open(tmp, "wb") as f:
             shutil.copyfileobj(response, f, 1 << 20)
         os.replace(tmp, path)
-    except (OSError, urllib.error.URLError) as e:    # URLError, HTTPError, timeouts and a full disk are OSErrors
+    except (OSError, http.client.HTTPException) as e:   # URLError, HTTPError, timeouts, a full disk; a cut body
         if is_disk_full(e):
             raise disk_full(path, "nothing was kept") from None
         reason = getattr(e, "reason", None) or e

@@ -769,6 +769,16 @@ def test_gpu_check_dry_run_on_the_cpu_writes_its_report(tmp_path):
     assert "| tiny+clip | infer | reference |" in md and "train_lm.py --device cpu" in md
 
 
+def test_allennlp_suite_without_allennlp_says_how_to_get_it(tmp_path):
+    """Catches the AllenNLP comparison failing with an ImportError traceback where AllenNLP's modules are
+    missing (everywhere AllenNLP does not install), instead of one line saying how to get them."""
+    (tmp_path / "s.txt").write_text("a b c\n")
+    for extra in ([], ["--allennlp", str(tmp_path)]):
+        r = run_inprocess("bench.py", "--suite", "allennlp", "--text", tmp_path / "s.txt", *extra)
+        assert_user_error(r, "AllenNLP's ELMo modules", "pip download allennlp==2.10.1 --no-deps", "--allennlp")
+    assert "no allennlp/modules/elmo.py in" in r.stderr
+
+
 def test_train_lm_defaults_follow_the_device():
     """Catches `python train_lm.py --device cuda` training the 2-core CPU preset (what a first GPU run got),
     the cpu preset losing its measured recipes (one thread per process; more), and a flag the user gave being overridden by a default."""
