@@ -252,11 +252,11 @@ def probe_task(task: str, elmo: Elmo, splits: dict, args, device, log) -> dict:
     y_train = torch.tensor([label_id[y] for y in train["labels"]], device=device)
     evaluated = [k for k in ("dev", "test") if k in splits]
 
-    def scores(predicted_ids: dict) -> dict:            # {split: (N,) label ids} -> {split: score}
-        return {k: score(task, splits[k], [labels[i] for i in ids.tolist()]) for k, ids in predicted_ids.items()}
+    def as_labels(ids) -> list:
+        return [labels[i] for i in ids.tolist()]
 
     n_layers, dim = vectors["train"].shape[1:]
-    metrics = {"task": task, "metric": METRICS[task], "layers": {}}
+    guesses = {"layers": {}}                            # {table: {probe: {split: predicted labels}}}
     linear = {}
     log(f"linear probes ({len(labels)} labels, {len(y_train):,} training {'instances' if task == 'wsd' else 'tokens'}):")
     t0 = time.time()
@@ -265,53 +265,48 @@ def probe_task(task: str, elmo: Elmo, splits: dict, args, device, log) -> dict:
         torch.manual_seed(args.seed)
         probe = LinearProbe(n_layers, dim, len(labels), layer).to(device)
         fit(probe, (vectors["train"], y_train, None if allowed is None else allowed["train"]),
-            lambda p: scores({"dev": predict(p, vectors["dev"], None if allowed is None else allowed["dev"])})["dev"],
+            lambda p: score(task, splits["dev"], as_labels(predict(p, vectors["dev"], None if allowed is None
+                                                                   else allowed["dev"]))),
             args, f"layer {name}" if layer is not None else "mix", log)
         linear[name] = probe
-        metrics["layers"][name] = scores({k: predict(probe, vectors[k], None if allowed is None else allowed[k])
-                                          for k in evaluated})
-    mix = linear["mix"].mix
-    metrics["mix_weights"] = torch.softmax(mix.weights.detach(), dim=0).tolist()
-    metrics["mix_gamma"] = float(mix.gamma.detach())
+        guesses["layers"][name] = {k: as_labels(predict(probe, vectors[k], None if allowed is None else allowed[k]))
+                                   for k in evaluated}
     if task == "wsd":                                   # the paper's 1-NN is the main table; the linear beside
-        metrics["linear"] = metrics["layers"]
-        metrics["layers"] = {}
+        guesses["linear"] = guesses["layers"]
+        guesses["layers"] = {}
         for name, probe in linear.items():
             with torch.no_grad():
                 features = {k: probe.features(v) for k, v in vectors.items()}
-            metrics["layers"][name] = scores({k: nearest_sense(features["train"], y_train, features[k],
-                                                               allowed[k], len(labels)) for k in evaluated})
+            guesses["layers"][name] = {k: as_labels(nearest_sense(features["train"], y_train, features[k],
+                                                                  allowed[k], len(labels))) for k in evaluated}
     baseline = most_frequent_labels(train)
-    metrics["baseline"] = {k: score(task, splits[k], baseline(splits[k]["words"])) for k in evaluated}
+    base = {k: baseline(splits[k]["words"]) for k in evaluated}
+    mix = linear["mix"].mix
+    metrics = {"task": task, "metric": METRICS[task],
+               **{table: {name: {k: score(task, splits[k], p) for k, p in by_split.items()}
+                          for name, by_split in probes.items()} for table, probes in guesses.items()},
+               "baseline": {k: score(task, splits[k], base[k]) for k in evaluated},
+               "mix_weights": torch.softmax(mix.weights.detach(), dim=0).tolist(),
+               "mix_gamma": float(mix.gamma.detach())}
     if task == "wsd":
-        metrics["per_word"] = per_word(splits, linear, vectors, allowed, y_train, labels, baseline, evaluated)
+        metrics["per_word"] = per_word(splits, guesses, base, evaluated)
     metrics["seconds"] = {"features": round(feature_seconds, 1), "probes": round(time.time() - t0, 1)}
     metrics["examples"] = {k: len(s["labels"]) for k, s in splits.items()}
     return metrics
 
 
-def per_word(splits, linear, vectors, allowed, y_train, labels, baseline, evaluated) -> dict:
-    """wsd: each word's accuracy for every layer's 1-NN and linear probe, and its baseline."""
+def per_word(splits: dict, guesses: dict, base: dict, evaluated: list) -> dict:
+    """wsd: each word's accuracy in every table (1-NN and linear, every probe), and its baseline's."""
     out = {}
     for word in sorted(set(splits["train"]["words"])):
         rows = {k: [i for i, w in enumerate(splits[k]["words"]) if w == word] for k in evaluated}
-        entry = {"layers": {}, "linear": {}, "baseline": {}, "instances": {k: len(r) for k, r in rows.items()}}
-        for name, probe in linear.items():
-            with torch.no_grad():
-                features = {k: probe.features(v) for k, v in vectors.items()}
-            for k in evaluated:
-                index = torch.tensor(rows[k], dtype=torch.long, device=features[k].device)
-                gold = [splits[k]["labels"][i] for i in rows[k]]
-                nn_ids = nearest_sense(features["train"], y_train, features[k][index], allowed[k][index], len(labels))
-                lin_ids = predict(probe, vectors[k][index], allowed[k][index])
-                accuracy = lambda ids: sum(labels[i] == g for i, g in zip(ids.tolist(), gold)) / max(len(gold), 1)
-                entry["layers"].setdefault(name, {})[k] = accuracy(nn_ids)
-                entry["linear"].setdefault(name, {})[k] = accuracy(lin_ids)
-        for k in evaluated:
-            gold = [splits[k]["labels"][i] for i in rows[k]]
-            guess = baseline([word] * len(gold))
-            entry["baseline"][k] = sum(p == g for p, g in zip(guess, gold)) / max(len(gold), 1)
-        out[word] = entry
+
+        def accuracy(k, predicted):
+            return sum(predicted[i] == splits[k]["labels"][i] for i in rows[k]) / max(len(rows[k]), 1)
+        entry = {table: {name: {k: accuracy(k, p[k]) for k in evaluated} for name, p in probes.items()}
+                 for table, probes in guesses.items()}
+        out[word] = {**entry, "baseline": {k: accuracy(k, base[k]) for k in evaluated},
+                     "instances": {k: len(r) for k, r in rows.items()}}
     return out
 
 
