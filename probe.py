@@ -226,7 +226,7 @@ def fit(probe: LinearProbe, train: tuple, dev_score, args, name: str, log) -> fl
 def nearest_sense(train_vectors, train_y, vectors, allowed, n_labels: int):
     """The paper's word-sense method (section 5.3): each sense is the mean of its training instances'
     vectors; an instance takes the allowed sense whose mean is nearest by cosine. (N, D) -> (N,) label ids."""
-    sums = torch.zeros(n_labels, train_vectors.shape[1]).index_add_(0, train_y, train_vectors)
+    sums = train_vectors.new_zeros(n_labels, train_vectors.shape[1]).index_add_(0, train_y, train_vectors)
     counts = torch.bincount(train_y, minlength=n_labels).unsqueeze(1)
     centroids = F.normalize(sums / counts.clamp(min=1), dim=1)                  # (labels, D)
     cosine = F.normalize(vectors, dim=1) @ centroids.T                           # (N, labels)
