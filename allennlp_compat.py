@@ -56,7 +56,7 @@ import elmo
 from data import batch_to_ids  # noqa: F401  (AllenNLP's name, AllenNLP's ids: re-exported as they are)
 from published import local_copy
 from runtime import UserError, log_stderr
-from tools import write_embeddings
+from tools import embed_by_length, write_embeddings
 
 # AllenNLP 0.9's defaults: the `original` model (2x4096_512_2048cnn_2xhighway), downloaded on first use
 _ORIGINAL = "https://allennlp.s3.amazonaws.com/models/elmo/2x4096_512_2048cnn_2xhighway/"
@@ -169,14 +169,10 @@ class ElmoEmbedder:
         return self.embed_batch([sentence])[0]
 
     def embed_batch(self, batch: list) -> list:
-        """Token lists -> one (L+1, n, 2P) float32 array each, in order; an empty sentence gives n = 0."""
-        if not any(batch):                                         # only empty sentences: nothing to run
-            config = self.elmo_bilm.config
-            return [numpy.zeros((config.n_layers + 1, 0, 2 * config.projection_dim), numpy.float32)
-                    for _ in batch]
-        embeddings, mask = self.batch_to_embeddings(batch)
-        embeddings = embeddings.float().cpu()
-        return [embeddings[i, :, :n].numpy() for i, n in enumerate(mask.sum(dim=1).tolist())]
+        """Token lists -> one (L+1, n, 2P) float32 array each, in order; an empty sentence gives n = 0.
+        The whole batch goes through the biLM at once (`tools.embed_by_length`, which leaves empty ones out)."""
+        arrays = dict(embed_by_length(self.elmo_bilm, batch, max(len(batch), 1)))
+        return [arrays[i].numpy() for i in range(len(batch))]
 
     def embed_sentences(self, sentences, batch_size: int = DEFAULT_BATCH_SIZE):
         """Lazily, in order: takes `batch_size` sentences from the iterable, yields their arrays, then reads on."""
