@@ -242,7 +242,7 @@ def probe_task(task: str, elmo: Elmo, splits: dict, args, device, log) -> dict:
     train = splits["train"]
     labels = sorted(set(train["labels"]))
     label_id = {y: i for i, y in enumerate(labels)}
-    allowed = None
+    allowed = {k: None for k in splits}                 # pos, chunk: every label for every token
     if task == "wsd":                                   # each instance chooses among its word's senses
         senses = defaultdict(set)
         for w, y in zip(train["words"], train["labels"]):
@@ -264,13 +264,11 @@ def probe_task(task: str, elmo: Elmo, splits: dict, args, device, log) -> dict:
         name = "mix" if layer is None else str(layer)
         torch.manual_seed(args.seed)
         probe = LinearProbe(n_layers, dim, len(labels), layer).to(device)
-        fit(probe, (vectors["train"], y_train, None if allowed is None else allowed["train"]),
-            lambda p: score(task, splits["dev"], as_labels(predict(p, vectors["dev"], None if allowed is None
-                                                                   else allowed["dev"]))),
+        fit(probe, (vectors["train"], y_train, allowed["train"]),
+            lambda p: score(task, splits["dev"], as_labels(predict(p, vectors["dev"], allowed["dev"]))),
             args, f"layer {name}" if layer is not None else "mix", log)
         linear[name] = probe
-        guesses["layers"][name] = {k: as_labels(predict(probe, vectors[k], None if allowed is None else allowed[k]))
-                                   for k in evaluated}
+        guesses["layers"][name] = {k: as_labels(predict(probe, vectors[k], allowed[k])) for k in evaluated}
     if task == "wsd":                                   # the paper's 1-NN is the main table; the linear beside
         guesses["linear"] = guesses["layers"]
         guesses["layers"] = {}
