@@ -52,11 +52,11 @@ import os
 import numpy
 import torch
 
-import elmo
-from data import batch_to_ids  # noqa: F401  (AllenNLP's name, AllenNLP's ids: re-exported as they are)
-from published import local_copy
-from runtime import UserError, log_stderr
-from tools import embed_by_length, write_embeddings
+from elmo_pytorch import elmo
+from elmo_pytorch.data import batch_to_ids  # noqa: F401  (AllenNLP's name, AllenNLP's ids: re-exported as they are)
+from elmo_pytorch.published import local_copy
+from elmo_pytorch.runtime import UserError, log_stderr
+from elmo_pytorch.tools import embed_by_length, write_embeddings
 
 # AllenNLP 0.9's defaults: the `original` model (2x4096_512_2048cnn_2xhighway), downloaded on first use
 _ORIGINAL = "https://allennlp.s3.amazonaws.com/models/elmo/2x4096_512_2048cnn_2xhighway/"

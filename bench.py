@@ -44,10 +44,10 @@ import time
 
 import torch
 
-import data
-from data import UserError
-from elmo import PRESETS, BiLM, ELMoConfig, count_parameters, load_elmo
-from runtime import ArgumentParser, check_numbers, pick_device, run_main
+from elmo_pytorch import data
+from elmo_pytorch.data import UserError
+from elmo_pytorch.elmo import PRESETS, BiLM, ELMoConfig, count_parameters, load_elmo
+from elmo_pytorch.runtime import ArgumentParser, check_numbers, pick_device, run_main
 
 
 def parse_args(argv=None):
@@ -507,7 +507,7 @@ def allennlp_suite(args):
     import h5py
     import numpy as np
     from allennlp_compat import ElmoEmbedder
-    from published import export_official
+    from elmo_pytorch.published import export_official
     if not args.text:
         raise UserError("--suite allennlp needs --text FILE: one whitespace-tokenised sentence a line")
     AllenBiLM = allennlp_bilm_class(args.allennlp)

@@ -3,7 +3,7 @@
 Every script reads text through this module, so a corpus is tokenised, validated and batched the same way
 for pretraining and for the downstream tasks.
 
-    from data import batch_to_ids
+    from elmo_pytorch.data import batch_to_ids
     ids = batch_to_ids([["Hello", "world", "!"], ["Hi"]])    # (2, 3, 50) LongTensor, 0 = padding
 
 Character ids (exactly AllenNLP's `ELMoCharacterMapper`): a token is its UTF-8 bytes cut to 48, wrapped in
@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from runtime import UserError, disk_full, is_disk_full  # UserError also for the scripts: `from data import UserError`
+from elmo_pytorch.runtime import UserError, disk_full, is_disk_full  # scripts import UserError from data too
 
 MAX_CHARS = 50                      # W: characters per token, word marks included (as the original)
 PAD_ID = 0                          # padding token: char id 0 and word id 0
@@ -160,13 +160,24 @@ def read_lines(path: str, encoding: str = "utf-8", skip_bad_lines: bool = False,
             yield number, text.rstrip("\r\n")
 
 
+def import_datasets():
+    """`datasets` (Arrow), imported when a corpus is read (the rest of the project never pays its import
+    time); missing, it is one line saying how to get it: pip's `elmo-pytorch[train]` extra brings it."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("reading a corpus needs the `datasets` package: pip install datasets "
+                        "(or pip install 'elmo-pytorch[train]')") from None
+    return datasets
+
+
 def hub_dataset(name: str, config: str | None, split: str, local_flags: str):
     """A Hugging Face hub data set split (Arrow, memory-mapped: larger than RAM is fine). Fails fast, in one
     line naming the local-file flags, when the hub cannot be reached or the data set cannot be loaded."""
     if not hub_reachable():
         raise UserError(f"cannot reach the Hugging Face hub to load {name} (offline?); use local files: "
                         f"{local_flags}")
-    import datasets  # imported lazily: local-file runs never pay its import time
+    datasets = import_datasets()
     try:
         return datasets.load_dataset(name, config, split=split)
     except Exception as e:  # unknown name, split or config, interrupted download: many exception types
@@ -489,7 +500,7 @@ def _build_shard(source: dict, out: str, key: dict, digest: str, workers: int, l
     """Text -> Arrow (datasets) -> tokenised in parallel (`map(batched=True, num_proc)`) -> words counted
     -> ids written to tokens.i32. Every pass streams over Arrow record batches: memory stays flat in the
     corpus size (the word counts grow with the number of distinct words only)."""
-    import datasets                      # lazily: the rest of this module does not need it
+    datasets = import_datasets()
     import pyarrow as pa
     import pyarrow.compute as pc
     datasets.disable_progress_bars()     # our own progress lines; bars would break one-line error output

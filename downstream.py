@@ -15,11 +15,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import PAD_ID, batch_to_ids, bucket_batches, build_vocab, write_lm_text
-from elmo import PRESETS, BiLM, ELMoConfig, Elmo, length_mask, load_elmo
-from runtime import (CHECKPOINT_FORMAT, StopSignal, UserError, abort_nonfinite, all_finite, atomic_save,
-                     check_numbers, check_out_dir, fmt_time, last_path, load_checkpoint, log_stdout,
-                     refuse_overwrite, write_metrics)
+from elmo_pytorch.data import PAD_ID, batch_to_ids, bucket_batches, build_vocab, write_lm_text
+from elmo_pytorch.elmo import PRESETS, BiLM, ELMoConfig, Elmo, length_mask, load_elmo
+from elmo_pytorch.runtime import (CHECKPOINT_FORMAT, StopSignal, UserError, abort_nonfinite, all_finite,
+                                  atomic_save, check_numbers, check_out_dir, fmt_time, last_path, load_checkpoint,
+                                  log_stdout, refuse_overwrite, write_metrics)
 
 
 # ---------------------------------------------------------------------------------------------------------

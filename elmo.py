@@ -70,8 +70,9 @@ import torch.nn.functional as F
 # nn.LSTM with proj_size runs torch's own fused kernel instead of oneDNN's; that is expected, not a problem
 warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
 
-from data import PAD_CHAR, PAD_ID, boundary_char_ids
-from runtime import UserError, load_checkpoint
+# elmo_pytorch is this project's modules as one package, in a clone and installed alike (elmo_pytorch/__init__.py)
+from elmo_pytorch.data import PAD_CHAR, PAD_ID, boundary_char_ids
+from elmo_pytorch.runtime import UserError, load_checkpoint
 
 BOS_WORD_ID, EOS_WORD_ID = 1, 2       # word ids of <S>, </S>: data.SPECIALS = [<pad>, <S>, </S>, <unk>]
 
@@ -560,7 +561,7 @@ def load_elmo(path: str, device="cpu", impl: str = "auto", options: str | None =
     `*.hdf5` weight file (its options found by `find_options`, or named by `options=`) -> frozen biLM in
     eval mode."""
     if str(path).endswith((".hdf5", ".h5")):
-        from published import find_options, read_official     # the file format, read only when it is asked for
+        from elmo_pytorch.published import find_options, read_official   # the file format: read only when asked
         config, state = read_official(find_options(path, options), path)
         ckpt = {"config": config, "model": state, "vocab": None}
     else:
@@ -690,6 +691,5 @@ def auto_lstm_path(bilm: BiLM) -> str:
     return "columns" if on_cpu and not torch.is_grad_enabled() else "fused"
 
 if __name__ == "__main__":          # the tools' command line: python elmo.py convert|export|embed|neighbors
-    from runtime import run_main
-    from tools import _cli
-    run_main(_cli)
+    from elmo_pytorch.tools import cli
+    cli()

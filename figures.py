@@ -25,8 +25,8 @@ import json
 import os
 import textwrap
 
-from elmo import PRESETS, ELMoConfig
-from runtime import ArgumentParser, UserError, run_main
+from elmo_pytorch.elmo import PRESETS, ELMoConfig
+from elmo_pytorch.runtime import ArgumentParser, UserError, run_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -38,10 +38,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import read_token_lines, read_tsv
-from downstream import LayerCache, frozen_bilm, task_optimizer
-from elmo import PRESETS, Elmo, ScalarMix
-from runtime import ArgumentParser, UserError, check_numbers, fmt_time, log_stdout, run_main, setup, write_metrics
+from elmo_pytorch.data import read_token_lines, read_tsv
+from elmo_pytorch.downstream import LayerCache, frozen_bilm, task_optimizer
+from elmo_pytorch.elmo import PRESETS, Elmo, ScalarMix
+from elmo_pytorch.runtime import (ArgumentParser, UserError, check_numbers, fmt_time, log_stdout, run_main, setup,
+                                  write_metrics)
 
 METRICS = {"pos": "accuracy", "chunk": "chunk F1", "wsd": "accuracy"}
 
@@ -347,5 +348,10 @@ def main(argv=None):
     write_metrics(args.metrics_json, metrics)
 
 
-if __name__ == "__main__":
+def cli():
+    """`elmo-pytorch-probe` once installed: this script's command line."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

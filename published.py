@@ -20,8 +20,8 @@ import os
 
 import torch
 
-from data import MAX_CHARS, check_file, default_cache_dir
-from runtime import CHECKPOINT_FORMAT, UserError, disk_full, is_disk_full
+from elmo_pytorch.data import MAX_CHARS, check_file, default_cache_dir
+from elmo_pytorch.runtime import CHECKPOINT_FORMAT, UserError, disk_full, is_disk_full
 
 
 def find_options(weights: str, options: str | None = None) -> str:

@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-import data
-from data import UserError, batch_to_ids
-from elmo import PRESETS, BiLM, ELMoConfig, Elmo, ScalarMix, count_parameters, load_elmo, reverse_within_length
-from runtime import atomic_save, load_checkpoint
+from elmo_pytorch import data
+from elmo_pytorch.data import UserError, batch_to_ids
+from elmo_pytorch.elmo import (PRESETS, BiLM, ELMoConfig, Elmo, ScalarMix, count_parameters, load_elmo,
+                               reverse_within_length)
+from elmo_pytorch.runtime import atomic_save, load_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = os.path.join(HERE, "testdata")
@@ -84,8 +85,8 @@ def run_inprocess(script, *args, env=None, timeout=None):
     import importlib
     import io
     import signal
-    import runtime
-    module = importlib.import_module("tools" if script == "elmo.py" else script[:-3])
+    from elmo_pytorch import runtime
+    module = importlib.import_module("elmo_pytorch." + ("tools" if script == "elmo.py" else script[:-3]))
     entry = module._cli if script == "elmo.py" else module.main
     out, err = io.StringIO(), io.StringIO()
     handlers = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGTERM)}
@@ -371,7 +372,7 @@ def test_lstm_paths_carry_state_alike_and_auto_picks_the_exact_faster_path(tmp_p
     assert tiny_model(proj_clip=3.0).lstm_impl == "columns"
     clipped = tiny_model(cell_clip=3.0)
     from dataclasses import asdict
-    from runtime import CHECKPOINT_FORMAT
+    from elmo_pytorch.runtime import CHECKPOINT_FORMAT
     atomic_save({"format": CHECKPOINT_FORMAT, "kind": "bilm", "config": asdict(clipped.config), "vocab": None,
                  "model": clipped.state_dict()}, tmp_path / "clipped.pt")
     with pytest.raises(UserError, match="cannot"):
@@ -438,8 +439,8 @@ def test_frozen_bilm_remembers_tokens_by_default_and_training_never_does(tmp_pat
     neighbors and the task scripts' caching), present where a biLM trains, unbounded, or returning what
     older weights computed after the weights changed (a fine-tuned biLM must not meet a stale memo)."""
     from dataclasses import asdict
-    from elmo import TOKEN_MEMO_MIB
-    from runtime import CHECKPOINT_FORMAT
+    from elmo_pytorch.elmo import TOKEN_MEMO_MIB
+    from elmo_pytorch.runtime import CHECKPOINT_FORMAT
     model = tiny_model(vocab_size=0)
     assert model.token_encoder.memo is None                           # a biLM built to train: no memo
     atomic_save({"format": CHECKPOINT_FORMAT, "kind": "bilm", "config": asdict(model.config), "vocab": None,
@@ -469,10 +470,11 @@ def test_elmo_imports_only_the_model_and_the_modules_form_no_cycle():
     it back, counting imports inside functions (an import under `if __name__ == "__main__":` is the
     command line's, and does not count)."""
     import ast
-    code = "import sys, elmo; print(' '.join(sorted(sys.modules)))"
+    code = "import sys; from elmo_pytorch import elmo; print(' '.join(sorted(sys.modules)))"
     loaded = set(subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
                                 check=True).stdout.split())
-    assert not loaded & {"published", "downstream", "tools", "train_lm", "h5py", "datasets"}
+    assert not loaded & {"elmo_pytorch." + m for m in ("published", "downstream", "tools", "train_lm")}
+    assert not loaded & {"h5py", "datasets"}
     modules = {f[:-3] for f in os.listdir(HERE) if f.endswith(".py") and not f.startswith("test_")}
     graph = {}
     for m in modules:
@@ -480,8 +482,11 @@ def test_elmo_imports_only_the_model_and_the_modules_form_no_cycle():
         cli = {id(n) for b in tree.body if isinstance(b, ast.If) and "__main__" in ast.unparse(b.test)
                for n in ast.walk(b)}
         names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) and id(n) not in cli for a in n.names}
-        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and id(n) not in cli}
-        graph[m] = {name.split(".")[0] for name in names if name} & modules - {m}
+        for n in ast.walk(tree):        # `from elmo_pytorch.X import ...` and `from elmo_pytorch import X, Y`
+            if isinstance(n, ast.ImportFrom) and id(n) not in cli and n.module:
+                names |= {f"{n.module}.{a.name}" for a in n.names} if n.module == "elmo_pytorch" else {n.module}
+        graph[m] = {name.split(".")[1] for name in names if name.startswith("elmo_pytorch.")} & modules - {m}
+    assert {"data", "runtime"} <= graph["elmo"], graph        # the parser sees the package's imports
 
     def reaches(a, b, seen=()):
         return b in graph[a] or any(reaches(c, b, seen + (a,)) for c in graph[a] if c not in seen)
@@ -619,7 +624,7 @@ def test_parameter_counts_match_allennlp(preset, published):
 def test_checkpoint_round_trip_weights_only(tmp_path):
     """Catches checkpoints that need pickle (weights_only=True must load them) or that lose the config."""
     from dataclasses import asdict
-    from runtime import CHECKPOINT_FORMAT
+    from elmo_pytorch.runtime import CHECKPOINT_FORMAT
     model = tiny_model()
     path = str(tmp_path / "m.pt")
     atomic_save({"format": CHECKPOINT_FORMAT, "kind": "bilm", "config": asdict(model.config),
@@ -782,7 +787,7 @@ def test_allennlp_suite_without_allennlp_says_how_to_get_it(tmp_path):
 def test_train_lm_defaults_follow_the_device():
     """Catches `python train_lm.py --device cuda` training the 2-core CPU preset (what a first GPU run got),
     the cpu preset losing its measured recipes (one thread per process; more), and a flag the user gave being overridden by a default."""
-    import train_lm
+    from elmo_pytorch import train_lm
     args = train_lm.parse_args([])
     note = train_lm.resolve_defaults(args, torch.device("cuda"))
     assert (args.preset, args.batch_tokens, args.lr) == ("small", 8192, None) and "--preset small" in note
@@ -869,7 +874,7 @@ def test_elmo_embedder_matches_allennlp(golden, official):
 def test_published_names_find_their_options(tmp_path, golden):
     """Catches the rename users had to guess: `X_weights.hdf5` loads with `X_options.json` beside it, else
     with `options.json`, else with an explicit options path; with none of them, the error names all three."""
-    from published import find_options
+    from elmo_pytorch.published import find_options
     ids = batch_to_ids(json.loads(str(golden["sentences_json"])))
     expected = torch.from_numpy(golden["layer_2"])
     options, weights = published_pair(tmp_path / "published")
@@ -900,7 +905,7 @@ def test_convert_and_export_round_trips_are_bit_exact(tmp_path, tiny_lm):
     what it computed, and exporting that again gives identical files."""
     import h5py
     from dataclasses import asdict
-    from published import convert_official, export_official
+    from elmo_pytorch.published import convert_official, export_official
     options, weights = published_pair(tmp_path / "published")
     ckpt = convert_official(str(options), str(weights))
     atomic_save(ckpt, tmp_path / "converted.pt")
@@ -940,7 +945,7 @@ def test_embed_file_writes_allennlp_layout_and_continues_after_interruption(tmp_
     mixing sentences up), an empty line that shifts the indices, a half file under the final name, and a
     rerun that starts over instead of continuing."""
     import h5py
-    import tools
+    from elmo_pytorch import tools
     lines = ["the cat sat on the mat .", "", "a", "naïve café !", "the dog ran after the cat"] * 3
     (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
     sentences = [line.split() for line in lines]
@@ -994,7 +999,7 @@ def test_neighbors_context_free_layer_cannot_tell_uses_apart(official):
     context) every occurrence of a word has the same vector, so all its neighbours have cosine 1; at the
     top layer the context separates them. Occurrences in the same sentence are never each other's
     neighbours."""
-    from tools import nearest_occurrences, nearest_words
+    from elmo_pytorch.tools import nearest_occurrences, nearest_words
     sentences = [s.split() for s in ["we play chess", "they play in the park", "a play by shakespeare",
                                      "play it again", "play and play again"]]
     occurrences, top = nearest_occurrences(official, sentences, "play", layer=-1, k=3)
@@ -1047,7 +1052,7 @@ def bad_published_files(d):
     full = weights.read_bytes()
     (d / "truncated.hdf5").write_bytes(full[: len(full) // 3])
     (d / "ok.tsv").write_text("sentence\tlabel\na fine film\t1\nawful\t0\n")
-    from published import convert_official
+    from elmo_pytorch.published import convert_official
     atomic_save(convert_official(str(options), str(weights)), d / "converted.pt")
     (d / "text.txt").write_text("the cat sat\n" * 30)
     (d / "lonely").mkdir()
@@ -1296,6 +1301,72 @@ def test_compat_cuda_device_without_a_gpu_is_one_line():
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Installed: pip install ., then the one-line migration from a folder of the user's own
+# ---------------------------------------------------------------------------------------------------------
+def installed_wheel(tmp_path):
+    """Build the wheel from a copy of this clone (no network: the interpreter's own setuptools), install it
+    into a fresh virtual environment that sees this interpreter's packages (torch, h5py, numpy) but not this
+    folder. Returns (the wheel's file names, the environment's python)."""
+    import zipfile
+    source = tmp_path / "source"
+    shutil.copytree(HERE, source, ignore=shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", "build",
+                                                                "*.egg-info", "runs", "*.pt"))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
+                        "--no-index", "-q", "-w", str(tmp_path / "dist")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    wheel = next((tmp_path / "dist").glob("elmo_pytorch-*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    r = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index",
+                        "-q", str(wheel)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return zipfile.ZipFile(wheel).namelist(), python
+
+
+@pytest.mark.slow
+def test_installed_package_migrates_in_one_line_from_a_folder_with_its_own_data_and_tools(tmp_path):
+    """Catches a library that works only inside its clone: modules installed under generic top-level names
+    (`data`, `tools`, ...), where a user's own `data.py` beside their script is imported instead of ours,
+    or a compat module that cannot be imported once installed; and a console command that is not there.
+    From a folder whose own data.py, tools.py, runtime.py, elmo.py and published.py raise on import, a
+    program with AllenNLP's import line changed embeds with the installed package and gets the golden
+    numbers, and `elmo-pytorch embed` writes its file."""
+    names, python = installed_wheel(tmp_path)
+    top = {n.split("/")[0] for n in names if ".dist-info/" not in n}
+    assert top == {"elmo_pytorch", "allennlp_compat.py"}, top                       # nothing generic at the top
+    assert {"elmo_pytorch/elmo.py", "elmo_pytorch/data.py", "elmo_pytorch/train_lm.py"} <= set(names)
+    user = tmp_path / "user"
+    user.mkdir()
+    for own in ("data", "tools", "runtime", "elmo", "published"):
+        (user / f"{own}.py").write_text(f"raise ImportError('the user\'s own {own}.py was imported')\n")
+    (user / "seqvec_like.py").write_text(
+        "import sys\n"
+        "from allennlp_compat import ElmoEmbedder   # was: from allennlp.commands.elmo import ElmoEmbedder\n"
+        "import numpy, elmo_pytorch.elmo\n"
+        "embedder = ElmoEmbedder(sys.argv[1], sys.argv[2])\n"
+        "vectors = embedder.embed_sentence(['The', 'cat', 'sat'])\n"
+        "numpy.save(sys.argv[3], vectors)\n"
+        "print(elmo_pytorch.elmo.__file__)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([str(python), "seqvec_like.py", FIXTURE_OPTIONS, FIXTURE_WEIGHTS, "out.npy"], cwd=user,
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().startswith(str(tmp_path / "venv")), r.stdout           # the installed copy ran
+    from allennlp_compat import ElmoEmbedder
+    expected = ElmoEmbedder(FIXTURE_OPTIONS, FIXTURE_WEIGHTS).embed_sentence(["The", "cat", "sat"])
+    np.testing.assert_array_equal(np.load(user / "out.npy"), expected)
+    (user / "in.txt").write_text("The cat sat\nHi\n")
+    r = subprocess.run([str(python.parent / "elmo-pytorch"), "embed", "--elmo", FIXTURE_WEIGHTS, "--input",
+                        "in.txt", "--output", "v.hdf5"], cwd=user, capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0 and (user / "v.hdf5").exists(), r.stderr[-3000:]
+    r = subprocess.run([str(python), "-m", "elmo_pytorch.train_lm", "--help"], cwd=user, capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode == 0 and "--preset" in r.stdout, r.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Data: tokenising, token shards (a corpus tokenised once, on disk, memory-mapped), task files
 # ---------------------------------------------------------------------------------------------------------
 def test_ptb_tokenizer_cuts_raw_text_the_way_sst_is_cut():
@@ -1401,7 +1472,7 @@ def test_tree_reader_root_label_and_subtrees():
 def test_sst_tree_files_binarise_and_phrases(tmp_path):
     """Catches SST-2-from-trees mistakes (neutral roots must be dropped, 0-1 -> negative, 3-4 -> positive)
     and --phrases that keeps duplicate phrases or the root only."""
-    import train_sst
+    from elmo_pytorch import train_sst
     f = tmp_path / "trees.txt"
     f.write_text(TREE + "\n(2 (2 so) (2 so))\n(0 (1 awful) (0 (2 stuff) (0 .)))\n")
     args = train_sst.parse_args(["--elmo", "none", "--max-length", "100"])
@@ -1413,7 +1484,7 @@ def test_sst_tree_files_binarise_and_phrases(tmp_path):
 
 def test_mnli_label_mapping():
     """Catches label-order bugs between names and GLUE's integer labels, and unlabeled rows kept."""
-    import train_mnli
+    from elmo_pytorch import train_mnli
     assert [train_mnli.parse_label(x) for x in ["entailment", "neutral", "contradiction"]] == [0, 1, 2]
     assert [train_mnli.parse_label(x) for x in ["0", "1", "2", " Neutral "]] == [0, 1, 2, 1]
     assert train_mnli.parse_label("-1") == -1 and train_mnli.parse_label("-") == -1
@@ -1455,6 +1526,16 @@ def test_hub_offline_fails_fast_naming_local_flags():
     assert "--train-file" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_corpus_without_datasets_installed_is_one_line(tmp_path, monkeypatch):
+    """Catches an install without the `train` extra (no `datasets`) dying in a traceback when a corpus is
+    read, instead of one line naming what to install."""
+    (tmp_path / "text.txt").write_text("a corpus never tokenised before\n" * 5)   # no cached shard to reuse
+    monkeypatch.setitem(sys.modules, "datasets", None)             # `import datasets` now fails
+    r = run_inprocess("train_lm.py", "--preset", "tiny", "--train-file", tmp_path / "text.txt", "--valid-file",
+                      tmp_path / "text.txt", "--max-steps", 1, "--out", tmp_path / "lm.pt")
+    assert_user_error(r, "needs the `datasets` package", "elmo-pytorch[train]")
+
+
 def documented_commands(text: str, script: str) -> list:
     """`python SCRIPT ...` commands in `text`, continuation lines (ending in a backslash) joined, comments cut."""
     commands, current = [], None
@@ -1476,12 +1557,12 @@ def test_documented_commands_parse_and_keep_their_line_breaks():
     range), and a docstring whose `\\` continuation Python swallowed, so --help shows two lines run into
     one."""
     import re
-    import bench, probe, train_lm, train_mnli, train_sst
+    from elmo_pytorch import bench, probe, train_lm, train_mnli, train_sst
     with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
         readme = "\n".join(re.findall(r"```bash\n(.*?)```", f.read(), re.S))
     checked = 0
     for module in (train_lm, train_sst, train_mnli, bench, probe):
-        script = module.__name__ + ".py"
+        script = module.__name__.split(".")[-1] + ".py"
         for where, text in (("--help", module.__doc__), ("README", readme)):
             for command in documented_commands(text, script):
                 assert not re.search(r"\S {3,}--", command), f"{script} {where}: lines run together: {command}"
@@ -1575,7 +1656,7 @@ def test_elmo_at_output_is_a_second_trained_mix_that_reaches_the_logits(tiny_lm,
     """Catches --elmo-at output|both whose output mix is not wired in (trains nothing, changes nothing),
     shares the input mix's weights, or is sized wrong; and `input` growing a second mix."""
     import importlib
-    module = importlib.import_module(script)
+    module = importlib.import_module("elmo_pytorch." + script)
     bilm = load_elmo(str(tiny_lm))
     bilm.head, bilm.config.vocab_size = None, 0
     spec = {"bilm_config": __import__("dataclasses").asdict(bilm.config), "word_vocab": ["<pad>", "<unk>", "a"],
@@ -1606,7 +1687,7 @@ def test_word_dropout_and_clip_norm_reach_the_model(tmp_path):
     """Catches flags that are parsed and stored but never applied: --word-dropout sets the dropout on the
     word embeddings (older checkpoints, without it, keep using --dropout), and --clip-norm bounds the step
     (with SGD, a 1e-9 gradient norm moves the weights no more than a 1e-12 learning rate does)."""
-    import train_sst
+    from elmo_pytorch import train_sst
     (tmp_path / "sst.tsv").write_text("sentence\tlabel\na fine film\t1\nawful\t0\nnot good\t0\n")
     common = ["--elmo", "none", "--word-dim", "8", "--hidden", "4", "--train-file", str(tmp_path / "sst.tsv"),
               "--dev-file", str(tmp_path / "sst.tsv"), "--optimizer", "sgd", "--max-steps", "2", "--threads", "1"]
@@ -1627,7 +1708,7 @@ def test_word_dropout_and_clip_norm_reach_the_model(tmp_path):
 
 def tiny_bcn(tiny_lm, **spec):
     """A BCN (train_sst.build_model) over the tiny biLM and an 8-d word embedding, no dropout unless asked."""
-    import train_sst
+    from elmo_pytorch import train_sst
     bilm = load_elmo(str(tiny_lm))
     bilm.head, bilm.config.vocab_size = None, 0
     spec = {"bilm_config": __import__("dataclasses").asdict(bilm.config), "word_vocab": ["<pad>", "<unk>", "a"],
@@ -1699,7 +1780,7 @@ def test_bcn_drops_its_token_features_once_as_allennlp_does(tiny_lm):
     quarter of each ELMo feature kept, at four times its size, which stalled BCN for the first 1,000 steps
     of an SST-5 run), and BCN's defaults leaking into the BiLSTM classifier's: in training mode, the first
     layer of BCN sees half of the ELMo and of the word features of real tokens zeroed, not three quarters."""
-    import train_sst
+    from elmo_pytorch import train_sst
     bilstm, bcn = train_sst.parse_args([]), train_sst.parse_args(["--encoder", "bcn"])
     assert (bilstm.elmo_dropout, bilstm.word_dropout, bilstm.clip_norm, bilstm.hidden) == (0.5, 0.2, 0.0, 256)
     assert (bcn.elmo_dropout, bcn.word_dropout, bcn.clip_norm, bcn.hidden) == (0.0, 0.0, 5.0, 300)
@@ -1723,8 +1804,8 @@ def test_cache_gives_the_same_logits(tiny_lm, tmp_path, where):
     """Catches a layer cache that changes results (wrong sentence, lost boundaries, padding mix-up, rows
     overwritten by a neighbour): logits from cached layers equal logits computed by the biLM, to 1e-5 in
     memory (fp32) and to fp16 precision from the disk file, whose name is gone from the directory."""
-    import train_sst
-    from downstream import LayerCache
+    from elmo_pytorch import train_sst
+    from elmo_pytorch.downstream import LayerCache
     bilm = load_elmo(str(tiny_lm))
     bilm.head, bilm.config.vocab_size = None, 0
     spec = {"bilm_config": __import__("dataclasses").asdict(bilm.config), "word_vocab": None, "word_dim": 8,
@@ -1758,7 +1839,7 @@ def test_chunk_f1_counts_chunks_as_conll2000_does():
     """Catches a chunk scorer that counts tags instead of chunks, lets a chunk with one wrong end count,
     ignores a type change inside a run of I- tags, or drops the chunk that an I-X after O opens (the
     CoNLL-2000 evaluation, conlleval, opens one there)."""
-    from probe import chunk_f1, chunks
+    from elmo_pytorch.probe import chunk_f1, chunks
     assert chunks(["B-NP", "I-NP", "O", "B-VP"]) == {(0, 2, "NP"), (3, 4, "VP")}
     assert chunks(["O", "I-NP", "I-NP"]) == {(1, 3, "NP")}                       # I- after O opens a chunk
     assert chunks(["B-NP", "I-VP", "I-VP"]) == {(0, 1, "NP"), (1, 3, "VP")}      # a type change opens one
@@ -1778,7 +1859,7 @@ def test_chunk_f1_counts_chunks_as_conll2000_does():
 def test_nearest_sense_takes_the_nearest_mean_of_the_words_own_senses():
     """Catches a 1-nearest-neighbour sense that compares with single instances instead of each sense's
     mean vector, measures by distance instead of cosine, or picks a sense of another word."""
-    from probe import nearest_sense
+    from elmo_pytorch.probe import nearest_sense
     train = torch.tensor([[1.0, 0.0], [1.0, 0.2], [0.0, 1.0], [0.1, 0.9], [-1.0, 0.0]])
     y = torch.tensor([0, 0, 1, 1, 2])                                    # senses 0, 1 of word A; 2 of word B
     queries = torch.tensor([[10.0, 1.0], [0.2, 5.0], [-1.0, 0.1]])
@@ -1807,7 +1888,7 @@ def test_probe_reads_context_from_the_lstm_layers_and_leaves_the_bilm_untouched(
     not beat the most-frequent-tag baseline on tags that only the previous word decides, while the mix of
     the LSTM layers must), a gradient that reaches the frozen biLM, and probing that changes its weights."""
     import argparse
-    from probe import probe_task
+    from elmo_pytorch.probe import probe_task
     bilm = tiny_model(vocab_size=0)
     before = {k: v.clone() for k, v in bilm.state_dict().items()}
     splits = {"train": made_up_tags(300, 0), "dev": made_up_tags(60, 1)}
@@ -1875,7 +1956,7 @@ def test_figures_render_from_the_committed_kind_of_data(tmp_path):
     "history", "mix", probe.py's "layers"), a figure not written, one grown past the README's size budget, or a traceback from a
     malformed curve file. Skipped without matplotlib, which only figures.py needs."""
     pytest.importorskip("matplotlib", reason="matplotlib is optional: only figures.py uses it")
-    import figures
+    from elmo_pytorch import figures
     (tmp_path / "curves").mkdir()
     (tmp_path / "mix").mkdir()
     history = [{"trained_seconds": 60 * m, "ppl_forward": p} for m, p in ((1, 400.0), (2, 250.0), (3, 190.0))]
@@ -1921,7 +2002,7 @@ def bad_inputs(d, tiny_lm):
     d.joinpath("badlabel.tsv").write_text("sentence\tlabel\na fine film\t1\nawful\t7\n")
     d.joinpath("badnli.tsv").write_text("premise\thypothesis\tlabel\na\tb\tneutral\nc\td\tmaybe\n")
     d.joinpath("nohyp.tsv").write_text("premise\tlabel\na\tneutral\n")
-    from runtime import CHECKPOINT_FORMAT
+    from elmo_pytorch.runtime import CHECKPOINT_FORMAT
     torch.save({"format": CHECKPOINT_FORMAT, "kind": "sst", "model": {}}, d / "classifier.pt")
     torch.save({"format": "elmo-pytorch/0", "kind": "bilm"}, d / "oldformat.pt")
     sst = ["train_sst.py", "--elmo", str(tiny_lm), "--max-steps", "2", "--out", str(d / "out.pt")]
@@ -2098,7 +2179,7 @@ def test_kill_during_save_leaves_loadable_checkpoint(tmp_path):
     """Catches non-atomic checkpoint writes: SIGKILL at a random instant of a save loop must leave the
     previous checkpoint loadable."""
     path = tmp_path / "ck.pt"
-    code = (f"import torch, sys; sys.path.insert(0, {HERE!r}); from runtime import atomic_save\n"
+    code = (f"import torch, sys; sys.path.insert(0, {HERE!r}); from elmo_pytorch.runtime import atomic_save\n"
             f"i = 0\nwhile True:\n"
             f"    atomic_save({{'format': 'elmo-pytorch/1', 'kind': 'bilm', 'i': i, "
             f"'w': torch.full((400000,), float(i))}}, {str(path)!r}); i += 1\n")
@@ -2233,7 +2314,7 @@ def test_killed_shard_build_leaves_no_leftovers_for_good(tmp_path):
     words = [f"w{i}" for i in range(3000)]
     (tmp_path / "big.txt").write_text("\n".join(" ".join(rng.choices(words, k=12)) for _ in range(300_000)))
     cache, clean = tmp_path / "cache", tmp_path / "clean"
-    code = (f"import sys; sys.path.insert(0, {HERE!r}); import data\n"
+    code = (f"import sys; sys.path.insert(0, {HERE!r}); from elmo_pytorch import data\n"
             f"data.token_shard({{'files': [{str(tmp_path / 'big.txt')!r}]}}, {str(cache)!r}, 'whitespace', 100,"
             f" workers=1, log=lambda m: None)")
     p = subprocess.Popen([sys.executable, "-c", code])
@@ -2349,7 +2430,7 @@ def torchrun(tmp_path, *args, nproc=2):
 
     No retry: a rank that aborts at exit fails the test, as it would fail a user's job."""
     wrapper = tmp_path / "ranks.py"
-    wrapper.write_text(f"import os, sys, torch\nsys.path.insert(0, {HERE!r})\nimport train_lm\n"
+    wrapper.write_text(f"import os, sys, torch\nsys.path.insert(0, {HERE!r})\nfrom elmo_pytorch import train_lm\n"
                        f"model = train_lm.main(sys.argv[1:])\n"
                        f"torch.save(model.state_dict(), os.path.join({str(tmp_path)!r}, "
                        f"'rank' + os.environ['RANK'] + '.pt'))\n")

@@ -16,11 +16,12 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-from data import batch_to_ids
-from elmo import BiLM, load_elmo
-from published import convert_official, export_official
-from runtime import (ArgumentParser, Progress, UserError, atomic_save, check_numbers, check_out_dir, disk_full,
-                     fmt_time, is_disk_full, log_stderr, pick_device, refuse_overwrite, run_main)
+from elmo_pytorch.data import batch_to_ids
+from elmo_pytorch.elmo import BiLM, load_elmo
+from elmo_pytorch.published import convert_official, export_official
+from elmo_pytorch.runtime import (ArgumentParser, Progress, UserError, atomic_save, check_numbers, check_out_dir,
+                                  disk_full, fmt_time, is_disk_full, log_stderr, pick_device, refuse_overwrite,
+                                  run_main)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -57,7 +58,7 @@ def embed_file(bilm: BiLM, input_path: str, output: str, layers: str = "all", ba
     command (`write_embeddings`): dataset i is line i, and "sentence_to_index" maps each (stripped) line to
     its index. An empty line gets a dataset with n = 0 (AllenNLP refused such files), so dataset i is
     always line i. Returns the number of lines."""
-    from data import read_lines, tokenize
+    from elmo_pytorch.data import read_lines, tokenize
     lines = [text.strip() for _, text in read_lines(input_path, encoding)]
     write_embeddings(bilm, [tokenize(text, tokenizer) for text in lines], output, layers, batch_size,
                      index={text: str(i) for i, text in enumerate(lines)}, job=job, log=log)
@@ -247,7 +248,7 @@ def frozen_for_tools(args) -> BiLM:
 
 
 def embed_command(args):
-    from data import check_file
+    from elmo_pytorch.data import check_file
     check_out_dir(args.output, "--output")
     refuse_overwrite([args.output], args.overwrite)
     stat = os.stat(check_file(args.input, "--input"))
@@ -262,7 +263,7 @@ def embed_command(args):
 
 
 def neighbors_command(args):
-    from data import read_lines, tokenize
+    from elmo_pytorch.data import read_lines, tokenize
     bilm = frozen_for_tools(args)
     lines = [text for _, text in read_lines(args.sentences)]
     lines = lines[:args.max_lines] if args.max_lines > 0 else lines
@@ -297,5 +298,10 @@ def neighbors_command(args):
         print()
 
 
-if __name__ == "__main__":
+def cli():
+    """`elmo-pytorch` once installed: `python elmo.py`'s command line."""
     run_main(_cli)
+
+
+if __name__ == "__main__":
+    cli()

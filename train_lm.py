@@ -44,12 +44,12 @@ from dataclasses import asdict
 
 import torch
 
-import data
-from data import UserError
-from elmo import PRESETS, BiLM, ELMoConfig, bilm_from_checkpoint, count_parameters
-from runtime import (CHECKPOINT_FORMAT, ArgumentParser, StopSignal, abort_nonfinite, all_finite, atomic_save,
-                     check_numbers, check_out_dir, refuse_overwrite, fmt_time, last_path, load_checkpoint, log_stdout, run_main, setup,
-                     write_metrics)
+from elmo_pytorch import data
+from elmo_pytorch.data import UserError
+from elmo_pytorch.elmo import PRESETS, BiLM, ELMoConfig, bilm_from_checkpoint, count_parameters
+from elmo_pytorch.runtime import (CHECKPOINT_FORMAT, ArgumentParser, StopSignal, abort_nonfinite, all_finite,
+                                  atomic_save, check_numbers, check_out_dir, refuse_overwrite, fmt_time, last_path,
+                                  load_checkpoint, log_stdout, run_main, setup, write_metrics)
 
 
 def parse_args(argv=None):
@@ -770,5 +770,10 @@ def _to_tuple(x):
     return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-if __name__ == "__main__":
+def cli():
+    """`elmo-pytorch-train-lm` once installed: this script's command line."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

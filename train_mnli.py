@@ -25,11 +25,12 @@ import random
 import torch
 import torch.nn as nn
 
-import data
-from data import UserError
-from downstream import (BiLstmEncoder, TokenFeatures, check_task_numbers, features_spec, load_classifier,
-                        pool, resume_checkpoint, task_arguments, train_task, write_task_text)
-from runtime import ArgumentParser, log_stdout, run_main, setup, write_metrics
+from elmo_pytorch import data
+from elmo_pytorch.data import UserError
+from elmo_pytorch.downstream import (BiLstmEncoder, TokenFeatures, check_task_numbers, features_spec,
+                                     load_classifier, pool, resume_checkpoint, task_arguments, train_task,
+                                     write_task_text)
+from elmo_pytorch.runtime import ArgumentParser, log_stdout, run_main, setup, write_metrics
 
 LABELS = ["entailment", "neutral", "contradiction"]       # GLUE / HF multi_nli order: 0, 1, 2
 HUB = "nyu-mll/multi_nli"
@@ -260,5 +261,10 @@ def main(argv=None):
                cache_sentences=sentences, log=log)
 
 
-if __name__ == "__main__":
+def cli():
+    """`elmo-pytorch-train-mnli` once installed: this script's command line."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

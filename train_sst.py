@@ -26,11 +26,12 @@ import random
 import torch
 import torch.nn as nn
 
-import data
-from data import UserError
-from downstream import (BiLstmEncoder, TokenFeatures, check_task_numbers, features_spec, load_classifier,
-                        pool, resume_checkpoint, task_arguments, train_task, write_task_text)
-from runtime import ArgumentParser, log_stdout, run_main, setup, write_metrics
+from elmo_pytorch import data
+from elmo_pytorch.data import UserError
+from elmo_pytorch.downstream import (BiLstmEncoder, TokenFeatures, check_task_numbers, features_spec,
+                                     load_classifier, pool, resume_checkpoint, task_arguments, train_task,
+                                     write_task_text)
+from elmo_pytorch.runtime import ArgumentParser, log_stdout, run_main, setup, write_metrics
 
 LABELS = {"sst2": ["negative", "positive"],
           "sst5": ["very negative", "negative", "neutral", "positive", "very positive"]}
@@ -323,5 +324,10 @@ def main(argv=None):
                cache_sentences=[t for t, _ in train + dev], log=log)
 
 
-if __name__ == "__main__":
+def cli():
+    """`elmo-pytorch-train-sst` once installed: this script's command line."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()
