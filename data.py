@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from elmo_pytorch.runtime import UserError, disk_full, is_disk_full  # scripts import UserError from data too
+from elmo_pytorch.runtime import MissingFile, UserError, disk_full, is_disk_full  # scripts import UserError from here
 
 MAX_CHARS = 50                      # W: characters per token, word marks included (as the original)
 PAD_ID = 0                          # padding token: char id 0 and word id 0
@@ -128,7 +128,7 @@ def split_long(tokens: list[str], max_length: int) -> list[list[str]]:
 # ---------------------------------------------------------------------------------------------------------
 def check_file(path: str, what: str = "file") -> str:
     if not os.path.exists(path):
-        raise UserError(f"{what} not found: {path}")
+        raise MissingFile(f"{what} not found: {path}")
     if os.path.isdir(path):
         raise UserError(f"{what} is a directory, expected a file: {path}")
     if os.path.getsize(path) == 0:

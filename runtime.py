@@ -30,9 +30,14 @@ CHECKPOINT_FORMAT = "elmo-pytorch/1"  # bump when the checkpoint layout changes 
 EXIT_USER_ERROR, EXIT_NONFINITE, EXIT_DISK_FULL = 2, 3, 4
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A problem the user can fix (a bad path, a bad flag, a bad file). Scripts print it as one line and
-    exit with status 2; no traceback."""
+    exit with status 2; no traceback. From the Python API it is a ValueError (a missing file: MissingFile,
+    also a FileNotFoundError), so that code written for the libraries we stand in for catches it."""
+
+
+class MissingFile(UserError, FileNotFoundError):
+    """A file or folder that is not there."""
 
 
 class DiskFull(Exception):
@@ -193,25 +198,31 @@ def write_metrics(path, metrics: dict):
         atomic_write(path, lambda f: f.write(json.dumps(metrics, indent=2).encode()))
 
 
+def safe_load(source, where: str, what: str = "checkpoint"):
+    """torch.load of a path or a binary file with weights_only=True: tensors and plain containers, never an
+    object that runs code when unpickled. Each failure is one line naming `where` (the `what` it should be)."""
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if "weights_only" in str(e) or "Unsupported" in str(e) or "global" in str(e).lower():
+            raise UserError(f"refusing to load {where}: it contains pickled Python objects, which could run "
+                            f"code; only tensors and plain containers are accepted") from None
+        raise UserError(f"{where} is not a valid {what} (corrupt or truncated: {first[:80]})") from None
+    except Exception as e:  # noqa: BLE001  (a non-checkpoint file can fail in the zip reader or unpickler)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{where} is not a readable PyTorch {what} (corrupt, truncated or another kind "
+                        f"of file: {first[:80]})") from None
+
+
 def load_checkpoint(path: str, kind: str | tuple | None = None) -> dict:
     """Load a checkpoint written by one of our scripts, safely, with one-line errors for every failure:
     missing, not a PyTorch file, truncated, holds pickled code, wrong format version, wrong kind."""
     if not os.path.exists(path):
-        raise UserError(f"checkpoint not found: {path}")
+        raise MissingFile(f"checkpoint not found: {path}")
     if os.path.isdir(path):
         raise UserError(f"checkpoint path is a directory, expected a .pt file: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        if "weights_only" in str(e) or "Unsupported" in str(e) or "global" in str(e).lower():
-            raise UserError(f"refusing to load {path}: it contains pickled Python objects, which could run "
-                            f"code; only tensors and plain containers are accepted") from None
-        raise UserError(f"{path} is not a valid checkpoint (corrupt or truncated: {first[:80]})") from None
-    except Exception as e:  # noqa: BLE001  (a non-checkpoint file can fail in the zip reader or unpickler)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a readable PyTorch checkpoint (corrupt, truncated or another kind "
-                        f"of file: {first[:80]})") from None
+    ckpt = safe_load(path, path)
     if not isinstance(ckpt, dict) or "format" not in ckpt:
         raise UserError(f"{path} is a PyTorch file but not one of our checkpoints (no 'format' key)")
     if ckpt["format"] != CHECKPOINT_FORMAT:
