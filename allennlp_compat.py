@@ -159,7 +159,7 @@ class ElmoEmbedder:
 
     def batch_to_embeddings(self, batch: list) -> tuple:
         """Token lists -> (activations (B, L+1, T, 2P), mask (B, T)) torch tensors, <S>/</S> removed."""
-        ids = batch_to_ids(batch).to(next(self.elmo_bilm.parameters()).device)
+        ids = self.elmo_bilm.lexicon.ids(batch).to(next(self.elmo_bilm.parameters()).device)
         with torch.no_grad():
             out = self.elmo_bilm(ids)
         return torch.stack(out["activations"], dim=1), out["mask"]

@@ -80,6 +80,85 @@ def boundary_char_ids(device=None):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Lexicons: how a biLM reads text. Each biLM has one (`BiLM.lexicon`, chosen by its config): text -> its ids,
+# the ids of its <S> and </S>, and its padding character.
+# ---------------------------------------------------------------------------------------------------------
+class Utf8Chars:
+    """AllenNLP's and bilm-tf's: a token is its UTF-8 bytes (`batch_to_ids`); every character CNN trained
+    here, and every AllenNLP and NLPL model, reads this."""
+    pad_char = PAD_CHAR + 1
+
+    def ids(self, sentences):                                   # -> (B, T, W)
+        return batch_to_ids(sentences)
+
+    def boundaries(self, device=None):
+        return boundary_char_ids(device)
+
+
+class LmWords:
+    """A biLM with word embeddings over its LM vocabulary (train_lm.py --token-encoder word): ids are
+    vocabulary rows (`Corpus`), SPECIALS first, so <S> and </S> are 1 and 2."""
+
+    def ids(self, sentences):
+        raise UserError("this biLM embeds the words of its LM vocabulary (--token-encoder word): ELMo features "
+                        "come from character biLMs; train one with the default --token-encoder char")
+
+    def boundaries(self, device=None):
+        return torch.tensor(1, device=device), torch.tensor(2, device=device)
+
+
+class Dictionaries:
+    """A model's own character and word dictionaries (ELMoForManyLangs' char.dic and word.dic; the config's
+    `chars` and `words`, token -> id; either may be None) instead of UTF-8 bytes. As ELMoForManyLangs reads
+    text: a token is cut to MAX_CHARS - 2 *characters* (not bytes), and the cut token is what both
+    dictionaries look up; what they lack is <oov>; the tokens <bos> and <eos> are the sentence boundaries.
+    Every id is shifted by +1, so that 0 still means "no token here". The ids of a token: with both
+    dictionaries (1 + W,), its word id first, then <bow>, its characters, <eow> and <pad> to W; characters
+    only (W,); words only, one id."""
+
+    def __init__(self, chars: dict | None, words: dict | None):
+        self.chars, self.words = chars, words
+        self.pad_char = chars["<pad>"] + 1 if chars else None
+        self.memo = {}                                          # token -> its ids: text repeats its words
+
+    def token(self, token: str) -> list | int:
+        if token not in self.memo:
+            cut = token[: MAX_CHARS - 2]
+            ids = []
+            if self.words is not None:
+                ids.append(self.words.get(cut, self.words["<oov>"]) + 1)
+            if self.chars is not None:
+                c = self.chars
+                inner = [c[cut]] if cut in ("<bos>", "<eos>") else [c.get(ch, c["<oov>"]) for ch in cut]
+                chars = [c["<bow>"]] + inner + [c["<eow>"]]
+                ids += [i + 1 for i in chars + [c["<pad>"]] * (MAX_CHARS - len(chars))]
+            self.memo[token] = ids if self.chars is not None else ids[0]
+            if len(self.memo) > 1_000_000:                      # bounded: a corpus of new words cannot grow it
+                self.memo.clear()
+        return self.memo[token]
+
+    def ids(self, sentences):                                   # -> (B, T, 1 + W), (B, T, W) or (B, T)
+        T = max((len(s) for s in sentences), default=0)
+        width = ((MAX_CHARS if self.chars is not None else 0) + (self.words is not None),)
+        ids = torch.zeros(len(sentences), T, *(width if self.chars is not None else ()), dtype=torch.long)
+        for b, sentence in enumerate(sentences):
+            if sentence:
+                ids[b, : len(sentence)] = torch.tensor([self.token(t) for t in sentence])
+        return ids
+
+    def boundaries(self, device=None):
+        return torch.tensor(self.token("<bos>"), device=device), torch.tensor(self.token("<eos>"), device=device)
+
+
+def lexicon(config):
+    """The lexicon a biLM's config names: its own dictionaries where it has them, else UTF-8 characters
+    (a character CNN) or its LM vocabulary (word embeddings)."""
+    if config.chars is not None or config.words is not None:
+        return Dictionaries(config.chars, config.words)
+    return Utf8Chars() if config.token_encoder == "char" else LmWords()
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Tokenisation
 # ---------------------------------------------------------------------------------------------------------
 # For raw text: words (with inner apostrophes/hyphens/periods as in "don't", "state-of-the-art", "e.g."),

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from elmo_pytorch.data import PAD_ID, batch_to_ids, bucket_batches, build_vocab, write_lm_text
+from elmo_pytorch.data import PAD_ID, bucket_batches, build_vocab, write_lm_text
 from elmo_pytorch.elmo import PRESETS, BiLM, ELMoConfig, Elmo, length_mask, load_elmo
 from elmo_pytorch.runtime import (CHECKPOINT_FORMAT, StopSignal, UserError, abort_nonfinite, all_finite,
                                   atomic_save, check_numbers, check_out_dir, fmt_time, last_path, load_checkpoint,
@@ -62,7 +62,7 @@ class LayerCache:
             batch.append(s)
             if i + 1 < len(unique) and (len(batch) + 1) * (len(unique[i + 1]) + 2) <= batch_tokens:
                 continue
-            layers, _ = elmo.layers(batch_to_ids([list(t) for t in batch]).to(device))
+            layers, _ = elmo.layers(elmo.bilm.lexicon.ids([list(t) for t in batch]).to(device))
             stacked = torch.stack(layers, dim=2).to("cpu", self.rows.dtype)       # (B, T+2, L+1, 2P)
             for b, t in enumerate(batch):
                 self.rows[self.offsets[t]: self.offsets[t] + len(t) + 2] = stacked[b, : len(t) + 2]
@@ -140,7 +140,7 @@ class TokenFeatures(nn.Module):
             layers = self.cache.get(sentences).to(device)
             lengths = torch.tensor([len(s) + 2 for s in sentences], device=device)
             return layers, length_mask(lengths, layers.shape[2])
-        layers, mask = self.elmo.layers(batch_to_ids(sentences).to(device))
+        layers, mask = self.elmo.layers(self.elmo.bilm.lexicon.ids(sentences).to(device))
         return torch.stack(layers), mask
 
     def forward(self, sentences):

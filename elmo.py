@@ -7,9 +7,9 @@ bottom; it follows the order in which a sentence flows through the model:
            -> scalar mix -> ELMo (the frozen biLM with its mixes) -> load_elmo
            -> speed paths: exact variants of the CNN and the cell, each tested equal to the plain one
 
-Nothing else lives here. Beside it: `data.py` (text -> character ids, corpora, batches), `published.py`
-(AllenNLP's published files, both ways), `downstream.py` (frozen features and the task training loop),
-`tools.py` (`python elmo.py convert | export | embed | neighbors`), `runtime.py` (the scripts' plumbing).
+Nothing else lives here. Beside it: `data.py` (text -> ids, corpora, batches), `published.py` (the published
+formats), `downstream.py` (frozen features and the task training loop), `tools.py` (`python elmo.py convert |
+export | embed | neighbors`), `runtime.py` (the scripts' plumbing).
 
 What goes in, what comes out:
 
@@ -19,8 +19,9 @@ What goes in, what comes out:
     out["activations"]   # L+1 tensors (B, T, 2P): layer 0 = [e; e], layer k = [forward_k; backward_k]
     out["mask"]          # (B, T) bool, True at real tokens; activations are zero elsewhere
 
-AllenNLP's published weights load the same way: `load_elmo("elmo_2x1024_128_2048cnn_1xhighway_weights.hdf5")`
-finds `elmo_2x1024_128_2048cnn_1xhighway_options.json` beside it (else `options.json`, else `options=PATH`).
+Published models load the same way: AllenNLP's `load_elmo("elmo_2x1024_128_2048cnn_1xhighway_weights.hdf5")`
+(its options beside it, or `options=PATH`), the NLPL repository's and ELMoForManyLangs' folders or .zip files.
+ELMoForManyLangs' also embed the word beside its characters, ids from their own dictionaries (`chars`, `words`).
 
 Shape legend, used in every shape comment below:
     B batch, T tokens per sentence (with <S> and </S> where noted), W characters per token (50),
@@ -28,38 +29,36 @@ Shape legend, used in every shape comment below:
     L LSTM layers, V softmax vocabulary, N number of (distinct) tokens fed to the character CNN.
 
 Deviations from the paper / bilm-tf and from AllenNLP, and why:
-  1. Stateless LSTMs. bilm-tf and AllenNLP carry the LSTM state from one batch into the next (AllenNLP's
-     `_ElmoBiLm` does it silently, so the same sentence gives different vectors on a second call). Every call
-     here starts from zero state, so a sentence's vectors depend only on the sentence. The golden test checks
-     that we match AllenNLP's *first* call and not its second.
-  2. Two training contexts (train_lm.py --context). `stream` is bilm-tf's: 20-token windows cut from the
-     running text (sentences joined with their <S> and </S>), the state carried from window to window; only
-     the training loop holds that state and passes it in explicitly (`stream_nll`). One difference: bilm-tf
-     reverses each sentence for the backward LM but keeps the sentences in text order, so its backward
-     state holds the *previous* sentence; here the backward LM reads the whole text reversed, so its state
-     holds what follows, its true history. `sentence` trains on whole sentences from zero state, exactly
-     how ELMo is used downstream. Either way `BiLM.forward`, the ELMo features, starts from zero state.
+  1. Stateless LSTMs. bilm-tf, AllenNLP, ELMoForManyLangs and simple_elmo carry the LSTM state from one batch
+     into the next (so the same sentence gives other vectors on a second call). Every call here starts from
+     zero state: a sentence's vectors depend on the sentence alone. The golden tests check that we match
+     their *first* call and not their second.
+  2. Two training contexts (train_lm.py --context). `stream` is bilm-tf's: 20-token windows of the running
+     text (sentences joined with their <S> and </S>), the state carried from window to window by the training
+     loop alone (`stream_nll`). bilm-tf reverses each sentence for the backward LM but keeps the sentences in
+     text order, so its backward state holds the *previous* sentence; here the backward LM reads the whole
+     text reversed, so its state holds what follows, its true history. `sentence` trains on whole sentences
+     from zero state, as ELMo is used. Either way `BiLM.forward`, the ELMo features, starts from zero state.
   3. Softmax. bilm-tf trains with a sampled softmax (8192 samples) over 793k words. We offer a full softmax
      (default) and torch's adaptive softmax (Grave et al., 2017), which is cheap *and* properly normalised,
      so training loss and reported perplexity are exact. We do not implement the sampled softmax.
   4. Three LSTM paths over the same parameters: the reference cell, written as the equations (with the
-     cell and projection clipping of the original); the same cell stepped on columns, a speed path for the
-     CPU; and the fused `torch.nn.LSTM(proj_size=P)`, which cannot clip. Tests hold the three equal.
-     `impl="auto"` runs the column cell where it must (clipping) and where it is faster (a CPU without
-     gradients), nn.LSTM otherwise.
+     original's clipping); the same cell stepped on columns, a speed path for the CPU; and the fused
+     `torch.nn.LSTM(proj_size=P)`, which cannot clip. Tests hold the three equal. `impl="auto"` runs the
+     column cell where it must (clipping) and where it is faster (a CPU without gradients), else nn.LSTM.
   5. TensorFlow adds 1.0 to the forget-gate bias at run time. AllenNLP folds it into the stored bias; we
      keep it in torch's second bias (`bias_hh`, which TensorFlow does not have), so the file's bias is
      stored bit for bit and `export` writes it back unchanged. Our own models start with forget bias 1.0.
-  6. The character CNN runs once per *distinct* token of a batch and only over the character positions
-     that can matter (`encode_distinct`); both are exact, and tested against the per-token path. A frozen
-     biLM (`load_elmo`, `Elmo`) also remembers token embeddings across batches (`TokenMemo`, a
-     bounded table), as AllenNLP's `vocab_to_cache` did, without naming the vocabulary in advance.
+  6. The character CNN runs once per *distinct* token of a batch, only over the positions that can matter
+     (`encode_distinct`; exact, tested against the per-token path). A frozen biLM also remembers token
+     embeddings across batches (`TokenMemo`, bounded), as AllenNLP's `vocab_to_cache` without the vocabulary.
   7. Scalar-mix layer norm is AllenNLP's: mean and variance over all unmasked elements of the whole batch
      (not per token). It is faithful to AllenNLP's numbers, and so batch-dependent; it is off by default.
   8. Presets use no clipping (fused LSTM, fast); pass clip values of 3.0 to train as the paper did.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field, fields
 
@@ -71,10 +70,8 @@ import torch.nn.functional as F
 warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
 
 # elmo_pytorch is this project's modules as one package, in a clone and installed alike (elmo_pytorch/__init__.py)
-from elmo_pytorch.data import PAD_CHAR, PAD_ID, boundary_char_ids
+from elmo_pytorch.data import PAD_ID, lexicon
 from elmo_pytorch.runtime import UserError, load_checkpoint
-
-BOS_WORD_ID, EOS_WORD_ID = 1, 2       # word ids of <S>, </S>: data.SPECIALS = [<pad>, <S>, </S>, <unk>]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -89,8 +86,12 @@ class ELMoConfig:
     filters: list = field(default_factory=lambda: [[1, 32], [2, 32], [3, 64], [4, 128], [5, 256],
                                                    [6, 512], [7, 1024]])  # [width, count] pairs; F = sum
     n_highway: int = 1
-    # word embeddings (token_encoder == "word"); the rows are the LM vocabulary
+    # word embeddings: the token encoder ("word": rows of the LM vocabulary or `words`), or beside the CNN
     word_embed_dim: int = 300
+    # A model's own dictionaries, token -> id (ELMoForManyLangs' char.dic, word.dic; `data.Dictionaries`).
+    # None: characters are UTF-8 bytes (AllenNLP's, bilm-tf's), words the LM vocabulary.
+    chars: dict | None = field(default=None, repr=False)
+    words: dict | None = field(default=None, repr=False)
     # LSTM stacks, one per direction
     lstm_dim: int = 1024              # D, the memory cell
     projection_dim: int = 128         # P, the output of every layer and of the token encoder
@@ -170,19 +171,23 @@ class Highway(nn.Module):
 class CharCNN(nn.Module):
     """Token encoder of ELMo: char embedding -> convolutions -> max-pool -> relu -> highway -> projection."""
 
-    def __init__(self, config: ELMoConfig):
+    def __init__(self, config: ELMoConfig, pad_char: int):
         super().__init__()
         c = config
-        # id 0 is a padding *token* (no characters at all) and embeds to zeros, as in AllenNLP
-        self.char_embed = nn.Embedding(c.n_characters, c.char_embed_dim, padding_idx=PAD_ID)
+        # id 0 is a padding *token* (no characters at all) and embeds to zeros, as in AllenNLP; `pad_char`
+        # fills a token's positions after its end mark (a learnt embedding: the CNN reads it)
+        self.char_embed, self.pad_char = nn.Embedding(c.n_characters, c.char_embed_dim, padding_idx=PAD_ID), pad_char
         self.convs = nn.ModuleList(nn.Conv1d(c.char_embed_dim, n, width) for width, n in c.filters)
         self.max_width = max(width for width, _ in c.filters)
         self.highways = nn.ModuleList(Highway(c.n_filters) for _ in range(c.n_highway))
-        self.proj = nn.Linear(c.n_filters, c.projection_dim)
+        # ELMoForManyLangs' models also embed the word, column 0 of a token's ids: [word; CNN] is projected
+        self.word_embed = nn.Embedding(len(c.words) + 1, c.word_embed_dim, padding_idx=PAD_ID) if c.words else None
+        self.proj = nn.Linear(c.n_filters + (c.word_embed_dim if c.words else 0), c.projection_dim)
         self.unique = True       # speed path: once per distinct token (exact); bench.py turns it off to measure
         self.memo = None         # speed path for a frozen biLM: a TokenMemo (remember_tokens), else None
 
-    def encode_tokens(self, chars):                     # (N, W) -> (N, P)
+    def encode_tokens(self, ids):                       # (N, W) -> (N, P); with a word id first (N, 1+W)
+        words, chars = (ids[:, 0], ids[:, 1:]) if self.word_embed is not None else (None, ids)
         x = self.char_embed(chars).transpose(1, 2)      # (N, W) -> (N, W, C) -> (N, C, W) for Conv1d
         # Max-pool over positions *before* the activation, as in bilm-tf (relu is monotonic, so this is the
         # same as relu-then-pool, and cheaper: the activation runs on (N, F) instead of (N, F, W)).
@@ -190,6 +195,7 @@ class CharCNN(nn.Module):
         h = F.relu(torch.cat(pooled, dim=1))            # (N, F)
         for highway in self.highways:
             h = highway(h)
+        h = h if words is None else torch.cat([self.word_embed(words), h], dim=1)   # [word; CNN]: (N, E + F)
         return self.proj(h)                             # (N, F) -> (N, P)
 
     def forward(self, chars, unique: bool | None = None):   # (B, T, W) -> (B, T, P)
@@ -199,21 +205,22 @@ class CharCNN(nn.Module):
         return self.encode_tokens(chars.reshape(B * T, W)).reshape(B, T, -1)   # (B*T, W) -> (B, T, P)
 
     def remember_tokens(self, max_tokens: int | None = None):
-        """Keep every token's embedding across calls, for a frozen biLM: a token's embedding depends on its
-        characters alone, so a word seen in an earlier batch need not go through the CNN again. At most
-        `max_tokens` tokens (default: as many as TOKEN_MEMO_MIB holds); 0 turns it off. See `TokenMemo`."""
+        """Keep every token's embedding across calls, for a frozen biLM: it depends on the token alone, so a
+        word seen before skips the CNN. At most `max_tokens` (default: TOKEN_MEMO_MIB's worth); 0: off."""
         if max_tokens is None:
             max_tokens = TOKEN_MEMO_MIB * 2 ** 20 // (4 * self.proj.out_features)
         self.memo = TokenMemo(max_tokens) if max_tokens > 0 else None
 
 
 class WordEncoder(nn.Module):
-    """The word-embedding alternative (as in the notebook this project grew from): one vector per LM-vocab
-    word, projected to P. Cannot represent words outside the vocabulary (they map to <unk>)."""
+    """The word-embedding alternative (as in the notebook this project grew from, and ELMoForManyLangs'
+    models without characters): one vector per word of the LM vocabulary (or of `words`), projected to P.
+    Cannot represent words outside the vocabulary (they map to <unk>)."""
 
     def __init__(self, config: ELMoConfig):
         super().__init__()
-        self.embed = nn.Embedding(config.vocab_size, config.word_embed_dim, padding_idx=PAD_ID)
+        rows = len(config.words) + 1 if config.words else config.vocab_size    # + our id 0, "no word"
+        self.embed = nn.Embedding(rows, config.word_embed_dim, padding_idx=PAD_ID)
         self.proj = nn.Linear(config.word_embed_dim, config.projection_dim)
 
     def forward(self, words, unique: bool = True):      # (B, T) -> (B, T, P)
@@ -329,7 +336,9 @@ class BiLM(nn.Module):
         super().__init__()
         self.config = config.validate()
         self.impl = impl
-        self.token_encoder = CharCNN(config) if config.token_encoder == "char" else WordEncoder(config)
+        self.lexicon = lexicon(config)                 # text -> this model's ids (data.py), and its <S>, </S>
+        self.token_encoder = CharCNN(config, self.lexicon.pad_char) if config.token_encoder == "char" \
+            else WordEncoder(config)
         self.forward_lstm = LstmStack(config)
         self.backward_lstm = LstmStack(config)
         self.dropout = nn.Dropout(config.dropout)
@@ -359,17 +368,13 @@ class BiLM(nn.Module):
     def add_boundaries(self, inputs):
         """Wrap each sentence in <S> ... </S>: (B, T, W) -> (B, T+2, W) char ids, or (B, T) -> (B, T+2) word
         ids. Returns the new inputs, the new mask (B, T+2) and the lengths with boundaries (B,)."""
-        is_char = inputs.dim() == 3
-        mask = (inputs > 0).any(dim=-1) if is_char else inputs > 0          # (B, T)
+        mask = (inputs > 0).any(dim=-1) if inputs.dim() == 3 else inputs > 0    # (B, T)
         lengths = mask.sum(dim=1)                                            # (B,)
         B = inputs.shape[0]
         out = inputs.new_zeros(B, inputs.shape[1] + 2, *inputs.shape[2:])    # (B, T+2[, W])
         out[:, 1:-1] = inputs
         rows = torch.arange(B, device=inputs.device)
-        if is_char:
-            bos, eos = boundary_char_ids(inputs.device)                      # (W,), (W,)
-        else:
-            bos, eos = BOS_WORD_ID, EOS_WORD_ID
+        bos, eos = self.lexicon.boundaries(inputs.device)                    # the ids of <S>, </S>: (W,) or ()
         out[:, 0] = bos
         out[rows, lengths + 1] = eos
         mask = length_mask(lengths + 2, out.shape[1])
@@ -502,17 +507,15 @@ class ScalarMix(nn.Module):
 class Elmo(nn.Module):
     """Frozen biLM + `n_outputs` scalar mixes + dropout. Only the mixes train (`requires_grad=True`: the
     biLM too, AllenNLP's fine-tuning). As AllenNLP's `Elmo`, the mix runs over the layers *with* <S>/</S>
-    (so layer-norm statistics match it), then drops them.
-
-    `layers()` is the expensive, frozen part; its output can be cached per example and fed to `mix()`."""
+    (so layer-norm statistics match it), then drops them. `layers()` is the expensive, frozen part; its
+    output can be cached per example and fed to `mix()`."""
 
     def __init__(self, bilm: BiLM, n_outputs: int = 1, layer_norm: bool = False, dropout: float = 0.5,
                  requires_grad: bool = False):
         super().__init__()
         self.bilm = bilm.freeze().requires_grad_(requires_grad)   # eval mode (no dropout), the token memo on
         self.requires_grad = requires_grad
-        n_layers = bilm.config.n_layers + 1
-        self.mixes = nn.ModuleList(ScalarMix(n_layers, layer_norm) for _ in range(n_outputs))
+        self.mixes = nn.ModuleList(ScalarMix(bilm.config.n_layers + 1, layer_norm) for _ in range(n_outputs))
         self.dropout = nn.Dropout(dropout)
         self.output_dim = 2 * bilm.config.projection_dim
 
@@ -522,7 +525,7 @@ class Elmo(nn.Module):
         return self
 
     def layers(self, inputs):
-        """(B, T, W) char ids -> L+1 layers (B, T+2, 2P) with boundaries, and the mask (B, T+2)."""
+        """(B, T, W) ids (`bilm.lexicon.ids`) -> L+1 layers (B, T+2, 2P) with boundaries, the mask (B, T+2)."""
         with torch.set_grad_enabled(self.requires_grad and torch.is_grad_enabled()):
             out = self.bilm(inputs, boundaries=True)
         return out["activations"], out["mask"]
@@ -558,19 +561,18 @@ def bilm_from_checkpoint(ckpt: dict, impl: str = "auto") -> BiLM:
 
 def load_elmo(path: str, device="cpu", impl: str = "auto", options: str | None = None) -> BiLM:
     """The public entry point: a biLM checkpoint (`train_lm.py`, `python elmo.py convert`) or a published
-    `*.hdf5` weight file (its options found by `find_options`, or named by `options=`) -> frozen biLM in
-    eval mode."""
-    if str(path).endswith((".hdf5", ".h5")):
-        from elmo_pytorch.published import find_options, read_official   # the file format: read only when asked
-        config, state = read_official(find_options(path, options), path)
+    model -> frozen biLM in eval mode. Published: AllenNLP's `*.hdf5` weights (its options found beside it, or
+    named by `options=`), a folder or `.zip` of the NLPL repository or of ELMoForManyLangs (`read_published`)."""
+    if os.path.isdir(path) or str(path).endswith((".hdf5", ".h5", ".zip")):
+        from elmo_pytorch.published import read_published   # the file formats: read only when asked
+        config, state = read_published(str(path), options)
         ckpt = {"config": config, "model": state, "vocab": None}
     else:
         ckpt = load_checkpoint(path, "bilm")
     model = bilm_from_checkpoint(ckpt, impl)
     if impl == "fused" and (model.config.cell_clip or model.config.proj_clip):
-        raise UserError(f"{path} clips its LSTM cells/outputs (the published weights do), which the fused "
-                        f"nn.LSTM cannot: its outputs would drift; "
-                        f"use the reference cell (impl 'auto', 'columns' or 'reference')")
+        raise UserError(f"{path} clips its LSTM cells/outputs (the published weights do), which the fused nn.LSTM "
+                        f"cannot: use the reference cell (impl 'auto', 'columns' or 'reference')")
     return model.to(device).freeze()
 
 
@@ -588,8 +590,7 @@ def encode_distinct(cnn: CharCNN, chars):               # (B, T, W) -> (B, T, P)
     #    character only if it starts before the longest word ends (at `longest`); every window after
     #    that sees only the pad character and gives the same value. Keeping `longest + max_width`
     #    positions keeps every distinct window value, so the max-pool is unchanged. (Exact.)
-    is_char = (flat != PAD_ID) & (flat != PAD_CHAR + 1)                # real characters and marks
-    longest = int(is_char.sum(dim=1).max()) if flat.numel() else 0
+    longest = int(token_width(cnn, flat).max()) if flat.numel() else 0
     flat = flat[:, : min(W, longest + cnn.max_width)]
     # 2) Run the CNN once per distinct token of the batch: a sentence batch repeats "the", "," ...
     #    many times, and the CNN is the same function for each copy. (Exact.)
@@ -598,6 +599,13 @@ def encode_distinct(cnn: CharCNN, chars):               # (B, T, W) -> (B, T, P)
     if cnn.memo is not None and not cnn.training and not torch.is_grad_enabled():
         return cnn.memo.lookup(cnn, distinct)[inverse].reshape(B, T, -1)
     return cnn.encode_tokens(distinct)[inverse].reshape(B, T, -1)        # (N, P) -> (B, T, P)
+
+
+def token_width(cnn: CharCNN, ids):                     # (N, W') -> (N,)
+    """How many leading positions of each token's ids hold the token: its word id (a model with word
+    embeddings), its marks and characters; after them come only padding characters."""
+    first = 0 if cnn.word_embed is None else 1
+    return first + ((ids[:, first:] != PAD_ID) & (ids[:, first:] != cnn.pad_char)).sum(dim=1)
 
 
 class TokenMemo:
@@ -619,9 +627,8 @@ class TokenMemo:
             distinct.device.type) if torch.is_autocast_enabled(distinct.device.type) else None)
         if made_by != self.made_by:                     # new weights, device or dtype: start empty
             self.rows, self.table, self.made_by = {}, None, made_by
-        # the key: a token's characters up to its end-of-word mark (the trimmed width varies per batch)
-        n_chars = ((distinct != PAD_ID) & (distinct != PAD_CHAR + 1)).sum(dim=1).tolist()
-        keys = [tuple(row[:n]) for row, n in zip(distinct.tolist(), n_chars)]
+        # the key: a token's ids up to its end-of-word mark (the trimmed width varies per batch)
+        keys = [tuple(row[:n]) for row, n in zip(distinct.tolist(), token_width(cnn, distinct).tolist())]
         rows = [self.rows.get(k, -1) for k in keys]
         new = [i for i, r in enumerate(rows) if r < 0]
         if new:
@@ -640,8 +647,7 @@ class TokenMemo:
         if all(r >= 0 for r in rows):
             return self.table[torch.tensor(rows, dtype=torch.long, device=distinct.device)]
         out = computed.new_empty(len(rows), computed.shape[1])              # the memo is full:
-        for j, i in enumerate(new):                                         # new tokens as computed,
-            out[i] = computed[j]
+        out[new] = computed                                                 # new tokens as computed,
         fresh = set(new)
         known = [i for i, r in enumerate(rows) if r >= 0 and i not in fresh]
         if known:                                                           # the others from the memo
@@ -653,9 +659,8 @@ def lstm_columns(layer: LstmLayer, x, state=None):      # (B, T, in) -> (B, T, P
     lstm = layer.lstm
     B, T, _ = x.shape
     # The reference cell's arithmetic, stepped on columns: the state is h^T (P, B), and each step computes
-    # W_hh @ h^T rather than h @ W_hh^T. A (4D, P) @ (P, B) product with a small B runs faster on a CPU
-    # than the (B, P) @ (P, 4D) one, and it is most of the cell's time (measured: RESULTS.md). The weights
-    # are used as stored, no copies.
+    # W_hh @ h^T rather than h @ W_hh^T. A (4D, P) @ (P, B) product with a small B runs faster on a CPU than
+    # (B, P) @ (P, 4D), and it is most of the cell's time (RESULTS.md). The weights are used as stored.
     # The input's share of every gate, for all steps in one matmul; only the recurrence is sequential.
     columns = x.permute(2, 1, 0).reshape(x.shape[2], T * B)                      # (in, T*B)
     bias = (lstm.bias_ih_l0 + lstm.bias_hh_l0).unsqueeze(1)                      # (4D, 1)

@@ -1301,6 +1301,304 @@ def test_compat_cuda_device_without_a_gpu_is_one_line():
 
 
 # ---------------------------------------------------------------------------------------------------------
+# ELMoForManyLangs' models and API (elmoformanylangs_compat.py): its own outputs on the folders in testdata/
+# ---------------------------------------------------------------------------------------------------------
+EFML = os.path.join(GOLDEN, "elmoformanylangs")          # both/ (words + characters), chars/, words/
+
+
+@pytest.fixture(scope="module")
+def efml_golden():
+    """What ELMoForManyLangs computed (testdata/make_elmoformanylangs.py --golden): per folder and output
+    layer, one array per sentence."""
+    g = np.load(os.path.join(GOLDEN, "elmoformanylangs_golden.npz"))
+    return {k: g[k] for k in g.files}
+
+
+def efml_sentences(golden):
+    return json.loads(str(golden["sentences_json"]))
+
+
+def efml_all_layers(bilm, sentences):
+    """Our biLM's layers for `sentences` in one batch: one (L+1, n, 2P) array each, as sents2elmo(-2)."""
+    with torch.no_grad():
+        out = bilm(bilm.lexicon.ids(sentences))
+    layers = torch.stack(out["activations"], dim=1)                          # (B, L+1, T, 2P)
+    return [layers[i, :, :len(s)].numpy() for i, s in enumerate(sentences)]
+
+
+def efml_max_diff(ours, golden, kind, layer=-2):
+    return max(float(np.abs(a - golden[f"{kind}_layer{layer}_{i}"]).max()) for i, a in enumerate(ours))
+
+
+@pytest.mark.parametrize("kind", ["both", "chars", "words"])
+def test_elmoformanylangs_embedder_gives_its_numbers_for_every_output_layer(efml_golden, kind):
+    """Catches a model folder read wrong in any way that changes numbers (dictionaries, the word embedding
+    beside the CNN or alone, highway, LSTM weights, boundaries), and an API that differs from
+    ELMoForManyLangs' in what sents2elmo returns: every output_layer, the same shapes, float32, input order,
+    the same numbers, with clipping biting in the folders' LSTMs."""
+    from elmoformanylangs_compat import Embedder
+    sentences = efml_sentences(efml_golden)
+    embedder = Embedder(os.path.join(EFML, kind))
+    for layer in (-1, 0, 1, 2, -2):
+        out = embedder.sents2elmo(sentences, output_layer=layer)
+        assert isinstance(out, list) and len(out) == len(sentences)
+        for i, a in enumerate(out):
+            expected = efml_golden[f"{kind}_layer{layer}_{i}"]
+            assert a.dtype == np.float32 and a.shape == expected.shape, (layer, i, a.shape, expected.shape)
+            np.testing.assert_allclose(a, expected, atol=ATOL, rtol=0)
+    assert embedder.bilm.config.cell_clip == embedder.bilm.config.proj_clip == 3.0
+    assert embedder.sents2elmo(sentences)[0].shape == (7, 16)                # the default: the average
+
+
+def test_elmoformanylangs_default_network_is_the_one_it_ships(efml_golden, tmp_path):
+    """Catches a wrong fallback for published folders, whose config.json names the network configuration by
+    a path of its authors' machines: ELMoForManyLangs then reads its own file of that name, and ours must
+    hold the same values; a name that is neither in the folder nor its own is one line naming it."""
+    from elmo_pytorch.published import EFML_NETWORK, EFML_NETWORKS, ModelFiles, efml_network
+    for name in EFML_NETWORKS:
+        shipped = json.loads(str(efml_golden[f"config_{name}"]))
+        assert {k: shipped[k] for k in ("encoder", "token_embedder")} == EFML_NETWORK, name
+        assert efml_network(ModelFiles(os.path.join(EFML, "both")), f"/users4/conll18st/elmo/{name}") \
+            == EFML_NETWORK
+    folder = tmp_path / "m"
+    shutil.copytree(os.path.join(EFML, "both"), folder)
+    (folder / "config.json").write_text(json.dumps({"config_path": "/home/someone/other_network.json"}))
+    with pytest.raises(FileNotFoundError, match="other_network.json, which is neither in"):
+        load_elmo(str(folder))
+
+
+def efml_bilm(kind="both"):
+    return load_elmo(os.path.join(EFML, kind))
+
+
+def test_elmoformanylangs_words_start_with_eow_id_as_its_batcher_swaps_them(efml_golden):
+    """Catches the word marks taken by their names: ELMoForManyLangs' batcher reads <eow>'s id where a word
+    begins and <bow>'s where it ends, and its models learnt that."""
+    sentences, bilm = efml_sentences(efml_golden), efml_bilm()
+    assert efml_max_diff(efml_all_layers(bilm, sentences), efml_golden, "both") < ATOL
+    chars = bilm.config.chars
+    chars["<bow>"], chars["<eow>"] = chars["<eow>"], chars["<bow>"]        # the names as the file has them
+    bilm.lexicon = data.Dictionaries(chars, bilm.config.words)
+    bilm.token_encoder.memo = None
+    assert efml_max_diff(efml_all_layers(bilm, sentences), efml_golden, "both") > 1e-3
+
+
+def test_elmoformanylangs_padding_character_is_learnt_and_read_by_the_cnn(efml_golden):
+    """Catches a padding character embedded as zeros (AllenNLP's id 0) instead of its trained row, and a
+    CNN that skips the padded positions of a token: ELMoForManyLangs runs it over all 50; the speed path
+    (distinct tokens, trimmed positions) must equal the plain per-token one on this model too."""
+    sentences, bilm = efml_sentences(efml_golden), efml_bilm()
+    cnn = bilm.token_encoder
+    ids = bilm.lexicon.ids(sentences)
+    assert cnn.pad_char == bilm.config.chars["<pad>"] + 1 and bool((ids[..., 1:] == cnn.pad_char).any())
+    with torch.no_grad():
+        torch.testing.assert_close(cnn(ids, unique=True), cnn(ids, unique=False), atol=1e-6, rtol=0)
+        cnn.memo = None
+        cnn.char_embed.weight[cnn.pad_char].zero_()
+    assert efml_max_diff(efml_all_layers(bilm, sentences), efml_golden, "both") > 1e-3
+
+
+def test_elmoformanylangs_cuts_tokens_to_48_characters_also_for_the_word_lookup(efml_golden):
+    """Catches a long token looked up whole in word.dic (where only its first 48 characters are), or cut by
+    bytes as AllenNLP cuts: ELMoForManyLangs cuts characters, before both lookups."""
+    sentences, bilm = efml_sentences(efml_golden), efml_bilm()
+    long_word = sentences[6][0]
+    assert len(long_word) > 48 and long_word[:48] in bilm.config.words and len(long_word[:48].encode()) > 48
+    ids = bilm.lexicon.token(long_word)
+    assert ids[0] == bilm.config.words[long_word[:48]] + 1 and ids[1 + 1 + 48] == bilm.config.chars["<eow>"] + 1
+    assert efml_max_diff(efml_all_layers(bilm, sentences), efml_golden, "both") < ATOL
+    bilm.lexicon.memo[long_word] = [bilm.config.words["<oov>"] + 1] + ids[1:]   # looked up whole: <oov>
+    bilm.token_encoder.memo = None
+    assert efml_max_diff(efml_all_layers(bilm, sentences), efml_golden, "both") > 1e-3
+
+
+def test_elmoformanylangs_dictionary_space_entry_is_the_ideographic_space(efml_golden):
+    """Catches a dictionary read without ELMoForManyLangs' quirk: a line whose token is whitespace loses it
+    to the line's stripping, and the id is filed under U+3000; text with U+3000 must find it."""
+    sentences, bilm = efml_sentences(efml_golden), efml_bilm()
+    raw = open(os.path.join(EFML, "both", "char.dic"), encoding="utf-8").read()
+    assert " \t" in raw and "\u3000" not in raw                               # the file holds a plain space
+    assert "\u3000" in bilm.config.chars and "\u3000" in bilm.config.words
+    assert efml_max_diff(efml_all_layers(bilm, sentences), efml_golden, "both") < ATOL
+    for table in (bilm.config.chars, bilm.config.words):
+        table[" "] = table.pop("\u3000")                                       # read as written
+    bilm.lexicon = data.Dictionaries(bilm.config.chars, bilm.config.words)
+    bilm.token_encoder.memo = None
+    assert efml_max_diff(efml_all_layers(bilm, sentences), efml_golden, "both") > 1e-3
+
+
+def test_elmoformanylangs_sentences_are_wrapped_in_its_own_bos_and_eos(efml_golden):
+    """Catches ELMoForManyLangs' models given AllenNLP's <S>/</S> (or none): they read <bos> and <eos> from
+    their own dictionaries, stripped again from the output; and a literal "<bos>" in the text is that
+    token, as in ELMoForManyLangs."""
+    sentences, bilm = efml_sentences(efml_golden), efml_bilm()
+    bos, eos = bilm.lexicon.boundaries()
+    assert bos.tolist() == bilm.lexicon.token("<bos>") and bos[2] == bilm.config.chars["<bos>"] + 1
+    assert "<bos>" in sentences[7]
+    assert efml_max_diff(efml_all_layers(bilm, sentences), efml_golden, "both") < ATOL
+    oov = bilm.lexicon.token("\u2603")                                        # an unknown token's ids
+    bilm.lexicon.boundaries = lambda device=None: (torch.tensor(oov), torch.tensor(oov))
+    assert efml_max_diff(efml_all_layers(bilm, sentences), efml_golden, "both") > 1e-3
+
+
+def test_elmoformanylangs_layer0_twice_residual_and_no_forget_bias(efml_golden):
+    """Catches three details of ELMoForManyLangs' network: layer 0 is the token vector twice; the second
+    LSTM layer adds its input (a residual connection); the stored LSTM bias is the whole bias (adding
+    TensorFlow's forget-gate 1.0, as for AllenNLP's files, changes the numbers)."""
+    sentences = efml_sentences(efml_golden)
+    P = efml_bilm().config.projection_dim
+    for i in range(len(sentences)):
+        layer0 = efml_golden[f"both_layer-2_{i}"][0]
+        np.testing.assert_array_equal(layer0[:, :P], layer0[:, P:])
+    bilm = efml_bilm()
+    bilm.forward_lstm.residual = bilm.backward_lstm.residual = False
+    assert efml_max_diff(efml_all_layers(bilm, sentences), efml_golden, "both") > 1e-3
+    bilm = efml_bilm()
+    D = bilm.config.lstm_dim
+    with torch.no_grad():
+        for stack in (bilm.forward_lstm, bilm.backward_lstm):
+            for layer in stack.layers:
+                assert not layer.lstm.bias_hh_l0.any()
+                layer.lstm.bias_hh_l0[D:2 * D] += 1.0
+    assert efml_max_diff(efml_all_layers(bilm, sentences), efml_golden, "both") > 1e-3
+
+
+def test_elmoformanylangs_is_stateless_ordered_and_takes_empty_sentences(efml_golden):
+    """Catches carried LSTM state (ELMoForManyLangs' second call differs from its first; ours must always
+    give the first), vectors that depend on batch_size or the other sentences, output out of input order,
+    and a crash on an empty sentence or an empty list (ELMoForManyLangs crashes on both)."""
+    from elmoformanylangs_compat import Embedder
+    sentences = efml_sentences(efml_golden)
+    embedder = Embedder(os.path.join(EFML, "both"), batch_size=3)
+    first = embedder.sents2elmo(sentences, output_layer=-2)
+    second = embedder.sents2elmo(sentences, output_layer=-2)
+    for i, (a, b) in enumerate(zip(first, second)):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, efml_golden[f"both_layer-2_{i}"], atol=ATOL, rtol=0)
+        assert np.abs(efml_golden[f"both_call2_{i}"] - efml_golden[f"both_layer-2_{i}"]).max() > 1e-3
+    alone = embedder.sents2elmo([sentences[4]], output_layer=-2)[0]           # to float rounding: other
+    np.testing.assert_allclose(alone, first[4], atol=ATOL, rtol=0)            # batch shapes round otherwise
+    backwards = embedder.sents2elmo(sentences[::-1], output_layer=-2)
+    for a, b in zip(backwards, first[::-1]):
+        np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+    out = embedder.sents2elmo([[], ["ok"], []])
+    assert [a.shape for a in out] == [(0, 16), (1, 16), (0, 16)] and out[0].dtype == np.float32
+    assert embedder.sents2elmo([[]], output_layer=-2)[0].shape == (3, 0, 16)
+    assert embedder.sents2elmo([]) == []
+
+
+def test_elmoformanylangs_folder_as_zip_and_everywhere_a_biLM_goes(tmp_path, efml_golden):
+    """Catches a format that only the compat module reads: load_elmo takes the folder and its .zip (the
+    NLPL repository's CoNLL 2017 models come zipped, in a folder of their own) with identical outputs;
+    the model keeps its dictionaries through a task checkpoint's spec (asdict(config))."""
+    import zipfile
+    from dataclasses import asdict
+    sentences = efml_sentences(efml_golden)
+    archive = tmp_path / "142.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        for name in os.listdir(os.path.join(EFML, "both")):
+            z.write(os.path.join(EFML, "both", name), f"zhs.model/{name}")
+    folder, zipped = efml_all_layers(efml_bilm(), sentences), efml_all_layers(load_elmo(str(archive)), sentences)
+    for a, b in zip(folder, zipped):
+        np.testing.assert_array_equal(a, b)
+    bilm = efml_bilm()
+    rebuilt = BiLM(ELMoConfig.from_dict(asdict(bilm.config)))
+    rebuilt.load_state_dict(bilm.state_dict())
+    for a, b in zip(efml_all_layers(rebuilt.eval(), sentences), folder):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_elmoformanylangs_bad_inputs_are_one_clear_error(tmp_path):
+    """Catches a traceback from deep inside (torch.load, json, a KeyError in a dictionary) for what a user
+    can fix: a missing folder or file, a damaged pickle, impossible sizes, dictionaries that do not fit the
+    weights, input that is not a list of token lists, an output_layer or batch_size out of range."""
+    from elmoformanylangs_compat import Embedder
+
+    def broken(change):
+        folder = tmp_path / f"m{len(os.listdir(tmp_path))}"
+        shutil.copytree(os.path.join(EFML, "both"), folder)
+        change(folder)
+        return str(folder)
+
+    def network(folder, **changes):
+        path = folder / "tiny_network.json"
+        config = json.loads(path.read_text())
+        for section, values in changes.items():
+            config[section].update(values)
+        path.write_text(json.dumps(config))
+    cases = [
+        (str(tmp_path / "absent"), FileNotFoundError, "not found"),
+        (broken(lambda f: os.remove(f / "encoder.pkl")), FileNotFoundError, "has no encoder.pkl"),
+        (broken(lambda f: (f / "encoder.pkl").write_bytes((f / "encoder.pkl").read_bytes()[:5000])),
+         ValueError, "encoder.pkl is not a"),
+        (broken(lambda f: (f / "config.json").write_text("{not json")), ValueError, "config.json is not valid JSON"),
+        (broken(lambda f: network(f, encoder={"dim": 4})), ValueError, "impossible sizes"),
+        (broken(lambda f: network(f, encoder={"dim": 32})), ValueError, "encoder.pkl: 'forward_layer_0"),
+        (broken(lambda f: network(f, token_embedder={"activation": "tanh"})), ValueError, "relu character CNN"),
+        (broken(lambda f: (f / "char.dic").write_text("".join((f / "char.dic").read_text().splitlines(True)[:-2]))),
+         ValueError, "does not belong|do not belong|beyond"),
+        (broken(lambda f: (f / "word.dic").write_text("<oov>\t0\nthe\t1\n")), ValueError, "lacks <pad>"),
+        (broken(lambda f: (f / "word.dic").write_text("<oov>\t0\n<pad>\tone\n")), ValueError, "word.dic:2: expected"),
+    ]
+    for path, error, message in cases:
+        with pytest.raises(error, match=message):
+            Embedder(path)
+    embedder = Embedder(os.path.join(EFML, "both"))
+    for sents, layer, message in [("a sentence", -1, "not str"), (["a", "b"], -1, "sentence 0 is a str"),
+                                  ([["a", 3]], -1, "sentence 0, token 1 is a int"), ([["a"]], 3, "output_layer"),
+                                  ([["a"]], "top", "output_layer"), (None, -1, "not NoneType")]:
+        with pytest.raises(ValueError, match=message):
+            embedder.sents2elmo(sents, output_layer=layer)
+    with pytest.raises(ValueError, match="batch_size"):
+        Embedder(os.path.join(EFML, "both"), batch_size=0)
+    r = run_inprocess("elmo.py", "embed", "--elmo", str(tmp_path / "absent"), "--input", __file__, "--output",
+                      tmp_path / "v.hdf5")
+    assert_user_error(r, "not found", "absent")
+    r = run_inprocess("elmo.py", "export", "--elmo", os.path.join(EFML, "both"), "--out-dir", tmp_path / "exported")
+    assert_user_error(r, "reads its own dictionaries")
+    assert not (tmp_path / "exported").exists()
+
+
+def test_elmoformanylangs_pickle_that_runs_code_is_refused_unrun(tmp_path):
+    """Catches .pkl files loaded with plain pickle: a published folder is a download, and a pickle can run
+    code as it loads. One built to write a file must be refused, and the file never written."""
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+    folder = tmp_path / "m"
+    shutil.copytree(os.path.join(EFML, "both"), folder)
+    with open(folder / "encoder.pkl", "wb") as f:
+        pickle.dump({"forward_layer_0.input_linearity.weight": Payload()}, f, protocol=2)
+    with pytest.raises(ValueError, match="refusing to load .*encoder.pkl: it contains pickled Python objects"):
+        load_elmo(str(folder))
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.slow
+def test_elmoformanylangs_folder_in_embed_and_train_sst(tmp_path, task_files):
+    """Catches a format only Python can read: `python elmo.py embed` and `train_sst.py --elmo FOLDER` take
+    an ELMoForManyLangs folder, and the task checkpoint predicts again without it."""
+    (tmp_path / "in.txt").write_text("中文 天气 好\nthe cat sat\n\n")
+    r = run_script("elmo.py", "embed", "--elmo", os.path.join(EFML, "both"), "--input", tmp_path / "in.txt",
+                   "--output", tmp_path / "v.hdf5", "--layers", "average")
+    assert r.returncode == 0, r.stderr
+    import h5py
+    from elmoformanylangs_compat import Embedder
+    expected = Embedder(os.path.join(EFML, "both")).sents2elmo([["中文", "天气", "好"], ["the", "cat", "sat"], []])
+    with h5py.File(tmp_path / "v.hdf5", "r") as h5:
+        for i in range(3):
+            np.testing.assert_allclose(h5[str(i)][...], expected[i], atol=1e-6, rtol=0)
+    r = run_script("train_sst.py", "--elmo", os.path.join(EFML, "both"), "--train-file", task_files / "sst.tsv",
+                   "--dev-file", task_files / "sst.tsv", "--max-steps", 5, "--out", tmp_path / "sst.pt",
+                   "--threads", 1)
+    assert r.returncode == 0, r.stderr
+    r = run_script("train_sst.py", "--ckpt", tmp_path / "sst.pt", "--predict", "the film was good")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Installed: pip install ., then the one-line migration from a folder of the user's own
 # ---------------------------------------------------------------------------------------------------------
 def installed_wheel(tmp_path):
@@ -1334,7 +1632,7 @@ def test_installed_package_migrates_in_one_line_from_a_folder_with_its_own_data_
     numbers, and `elmo-pytorch embed` writes its file."""
     names, python = installed_wheel(tmp_path)
     top = {n.split("/")[0] for n in names if ".dist-info/" not in n}
-    assert top == {"elmo_pytorch", "allennlp_compat.py"}, top                       # nothing generic at the top
+    assert top == {"elmo_pytorch", "allennlp_compat.py", "elmoformanylangs_compat.py"}, top   # nothing generic
     assert {"elmo_pytorch/elmo.py", "elmo_pytorch/data.py", "elmo_pytorch/train_lm.py"} <= set(names)
     user = tmp_path / "user"
     user.mkdir()

@@ -16,7 +16,6 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-from elmo_pytorch.data import batch_to_ids
 from elmo_pytorch.elmo import BiLM, load_elmo
 from elmo_pytorch.published import convert_official, export_official
 from elmo_pytorch.runtime import (ArgumentParser, Progress, UserError, atomic_save, check_numbers, check_out_dir,
@@ -43,7 +42,7 @@ def embed_by_length(bilm: BiLM, sentences: list, batch_size: int = 64, progress=
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         with torch.no_grad():
-            layers = torch.stack(bilm(batch_to_ids([sentences[i] for i in batch]).to(device))["activations"],
+            layers = torch.stack(bilm(bilm.lexicon.ids([sentences[i] for i in batch]).to(device))["activations"],
                                  dim=1).float().cpu()                              # (B, L+1, T, 2P)
         for b, i in enumerate(batch):
             yield i, layers[b, :, :len(sentences[i])]
@@ -130,9 +129,9 @@ def nearest_words(bilm: BiLM, word: str, vocabulary: list, k: int = 5):
     words = [w for w in dict.fromkeys(vocabulary) if w != word]
     with torch.no_grad():
         device = next(bilm.parameters()).device
-        e = torch.cat([bilm.token_encoder(batch_to_ids([words[i:i + 4096]]).to(device))[0]
+        e = torch.cat([bilm.token_encoder(bilm.lexicon.ids([words[i:i + 4096]]).to(device))[0]
                        for i in range(0, len(words), 4096)]).float().cpu()         # (N, P)
-        q = bilm.token_encoder(batch_to_ids([[word]]).to(device))[0].float().cpu()  # (1, P)
+        q = bilm.token_encoder(bilm.lexicon.ids([[word]]).to(device))[0].float().cpu()  # (1, P)
     cos = F.cosine_similarity(e, q)                                                    # (N,)
     top = cos.topk(min(k, len(words)))
     return [(words[j], float(c)) for c, j in zip(top.values, top.indices)]
