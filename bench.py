@@ -26,6 +26,9 @@ peak resident set size (VmHWM, reset per configuration through /proc/self/clear_
       --cnn distinct remembered --text sentences.txt
   # the job users run, against AllenNLP's own ELMo (needs its modules: the command says how to get them)
   python bench.py --suite allennlp --allennlp ALLENNLP_DIR --text valid.txt --lines 600 --threads 2
+  # sents2elmo against ELMoForManyLangs' own, on a model folder at the published sizes (random weights:
+  # python testdata/make_elmoformanylangs.py --sizes published --out DIR), where elmoformanylangs imports
+  python bench.py --suite elmoformanylangs --elmo DIR --text valid.txt --lines 600 --threads 2
   # a GPU: presets x dtypes x compile
   python bench.py --device cuda --preset small original --dtype float32 bfloat16 --compile off on \\
       --batch 128x20 --json bench_gpu.json
@@ -80,20 +83,23 @@ def parse_args(argv=None):
     g.add_argument("--repeats", type=int, default=5, help="timed calls; the median is reported")
     g.add_argument("--json", default="bench.json", help="every configuration's numbers")
     g = p.add_argument_group("prepared suites (the GPU check for a short GPU session; the AllenNLP comparison)")
-    g.add_argument("--suite", choices=["gpu", "allennlp"], help="gpu: the bench table for --sizes (inference "
+    g.add_argument("--suite", choices=["gpu", "allennlp", "elmoformanylangs"],
+                   help="gpu: the bench table for --sizes (inference "
                    "and training, fp32 and bf16, eager and compiled, the clipped published layout), a 2-minute "
                    "train_lm.py run on a generated corpus, elmo.py embed and a train_sst.py run from its "
                    "checkpoint; writes DIR/gpu_check.json and DIR/gpu_check.md (see gpu_suite). allennlp: "
                    "allennlp_compat.ElmoEmbedder.embed_file against AllenNLP 0.9's embed_file loop on AllenNLP "
                    "2.10's own biLM, the first --lines of --text, each of --sizes exported with clipping 3 "
-                   "(see allennlp_suite)")
+                   "(see allennlp_suite). elmoformanylangs: sents2elmo of ELMoForManyLangs and of "
+                   "elmoformanylangs_compat on the model folder --elmo, the first --lines of --text (see "
+                   "elmoformanylangs_suite)")
     g.add_argument("--sizes", nargs="+", default=["small", "original"], choices=sorted(PRESETS),
                    help="--suite gpu: the presets of the bench table (tiny: the CPU dry run); --suite "
                    "allennlp: the architectures compared")
     g.add_argument("--out", help="--suite gpu: the folder for its files")
     g.add_argument("--allennlp", help="--suite allennlp: a folder holding the `allennlp` package (AllenNLP "
                    "2.10.1's wheel unpacked), when `import allennlp` does not work")
-    g.add_argument("--lines", type=int, default=600, help="--suite allennlp: sentences of --text embedded")
+    g.add_argument("--lines", type=int, default=600, help="--suite allennlp, elmoformanylangs: sentences of --text")
     args = p.parse_args(argv)
     try:
         args.batch = [tuple(int(n) for n in b.lower().split("x")) for b in args.batch]
@@ -552,6 +558,76 @@ def allennlp_suite(args):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# --suite elmoformanylangs: sents2elmo, here and in ELMoForManyLangs' own code
+# ---------------------------------------------------------------------------------------------------------
+HOW_TO_GET_EFML = ('pip install elmoformanylangs "overrides<5" into the environment that runs bench.py (it uses '
+                   'the same torch; its last release fails to import with overrides 5 or newer)')
+
+
+def suite_sentences(args, suite: str) -> list:
+    """The first --lines sentences of --text, whitespace-tokenised: what the comparison suites embed."""
+    if not args.text:
+        raise UserError(f"--suite {suite} needs --text FILE: one whitespace-tokenised sentence a line")
+    return [line.split() for _, line in data.read_lines(args.text) if line.strip()][: args.lines]
+
+
+def elmoformanylangs_suite(args):
+    """`--suite elmoformanylangs`: `sents2elmo(sentences)` as its users call it (output_layer -1, batch_size
+    64) on the first --lines sentences of --text, by ELMoForManyLangs' `Embedder` and by
+    elmoformanylangs_compat's on the same model folder --elmo, alternated (--repeats rounds, ELMoForManyLangs
+    first, each Embedder fresh; loading timed apart). Then the largest difference between the two: against
+    ELMoForManyLangs' first call with every sentence in one batch, as its LSTM state carries over from batch
+    to batch (and the default call's numbers, to show that)."""
+    import logging
+
+    import numpy as np
+    try:
+        import elmoformanylangs
+    except Exception as e:  # noqa: BLE001  (not installed, or its `overrides` import fails)
+        raise UserError(f"--suite elmoformanylangs needs ELMoForManyLangs (import failed: {e}): "
+                        f"{HOW_TO_GET_EFML}") from None
+    from elmoformanylangs_compat import Embedder
+    if not args.elmo or not os.path.isdir(args.elmo):
+        raise UserError("--suite elmoformanylangs needs --elmo DIR, a model folder in ELMoForManyLangs' layout "
+                        "(python testdata/make_elmoformanylangs.py --sizes published --out DIR makes one)")
+    logging.getLogger("elmoformanylangs").setLevel(logging.WARNING)
+    sentences = suite_sentences(args, "elmoformanylangs")
+    n_tokens = sum(map(len, sentences))
+    print(f"--suite elmoformanylangs | {len(sentences):,} sentences, {n_tokens:,} tokens of {args.text} | "
+          f"{args.elmo} | threads {torch.get_num_threads()} | torch {torch.__version__}", flush=True)
+    results = []
+    for r in range(args.repeats):
+        row = {"round": r + 1}
+        for name, cls in (("elmoformanylangs", elmoformanylangs.Embedder), ("ours", Embedder)):
+            t = time.perf_counter()
+            embedder = cls(args.elmo)
+            row[f"{name}_load_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            row[f"{name}_vectors"] = embedder.sents2elmo(sentences)
+            row[f"{name}_s"] = time.perf_counter() - t
+            del embedder
+        row["speedup"] = row["elmoformanylangs_s"] / row["ours_s"]
+        print(f"round {r + 1} | ELMoForManyLangs {n_tokens / row['elmoformanylangs_s']:,.0f} tokens/s "
+              f"({row['elmoformanylangs_s']:.1f}s, load {row['elmoformanylangs_load_s']:.1f}s) | ours "
+              f"{n_tokens / row['ours_s']:,.0f} tokens/s ({row['ours_s']:.1f}s, load {row['ours_load_s']:.1f}s) | "
+              f"{row['speedup']:.2f}x", flush=True)
+        results.append(row)
+    first_call = elmoformanylangs.Embedder(args.elmo, batch_size=len(sentences)).sents2elmo(sentences)
+    ours = results[-1]["ours_vectors"]
+    diff = max(float(np.abs(a - b).max(initial=0)) for a, b in zip(first_call, ours))
+    default_diff = max(float(np.abs(a - b).max(initial=0)) for a, b in zip(results[-1]["elmoformanylangs_vectors"], ours))
+    print(f"max |diff| against its first call, all sentences in one batch: {diff:.1e} (against its default call, "
+          f"state carried over from batch to batch: {default_diff:.1e})")
+    for row in results:
+        del row["elmoformanylangs_vectors"], row["ours_vectors"]
+    write_json(args.json, {"suite": "elmoformanylangs", "model": args.elmo, "text": args.text,
+                           "sentences": len(sentences), "tokens": n_tokens, "threads": torch.get_num_threads(),
+                           "torch": torch.__version__, "results": results, "max_abs_diff": diff,
+                           "max_abs_diff_default_call": default_diff})
+    print(f"wrote {args.json}")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------------------
 def main(argv=None):
@@ -563,6 +639,8 @@ def main(argv=None):
         return gpu_suite(args, device)
     if args.suite == "allennlp":
         return allennlp_suite(args)
+    if args.suite == "elmoformanylangs":
+        return elmoformanylangs_suite(args)
     name = device_name(device)
     print(f"device {device} ({name}) | torch {torch.__version__} | threads {torch.get_num_threads()} | "
           f"warmup {args.warmup}, median of {args.repeats}", flush=True)
