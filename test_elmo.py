@@ -1599,6 +1599,210 @@ def test_elmoformanylangs_folder_in_embed_and_train_sst(tmp_path, task_files):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The NLPL repository's models and simple_elmo's API (simple_elmo_compat.py): its own outputs on testdata/nlpl
+# ---------------------------------------------------------------------------------------------------------
+NLPL = os.path.join(GOLDEN, "nlpl")
+
+
+@pytest.fixture(scope="module")
+def nlpl_golden():
+    """What simple_elmo computed on testdata/nlpl (testdata/make_nlpl.py --golden)."""
+    g = np.load(os.path.join(GOLDEN, "nlpl_golden.npz"))
+    return {k: g[k] for k in g.files}
+
+
+def nlpl_zip(folder, path):
+    """The folder as the repository ships it: one .zip, the files at its top."""
+    import zipfile
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name in sorted(os.listdir(folder)):
+            z.write(os.path.join(folder, name), name)
+    return str(path)
+
+
+def nlpl_model(path=NLPL, **kwargs):
+    from simple_elmo_compat import ElmoModel
+    model = ElmoModel()
+    assert model.load(path, **kwargs) == "The model is now loaded."
+    return model
+
+
+@pytest.mark.parametrize("layers", ["average", "top", "all"])
+def test_simple_elmo_vectors_are_its_numbers_for_every_layers_value(nlpl_golden, tmp_path, layers):
+    """Catches the NLPL layout read wrong (options, weights, the first *.hdf5), an API that differs from
+    simple_elmo's in what get_elmo_vectors returns (float64, (texts, longest, D) or (texts, layers,
+    longest, D), input order), and numbers that differ from simple_elmo's on a fresh model, every text in
+    one batch; and a zip that does not read as its folder does."""
+    texts = json.loads(str(nlpl_golden["texts_json"]))
+    expected = nlpl_golden[f"vectors_{layers}"]
+    for path in (NLPL, nlpl_zip(NLPL, tmp_path / "223.zip")):
+        vectors = nlpl_model(path).get_elmo_vectors(texts, layers=layers)
+        assert vectors.dtype == np.float64 and vectors.shape == expected.shape
+        for i, text in enumerate(texts):
+            np.testing.assert_allclose(vectors[i, ..., :len(text), :], expected[i, ..., :len(text), :], atol=ATOL,
+                                       rtol=0)
+            assert not vectors[i, ..., len(text):, :].any()        # zeros after a text, in every layer
+    if layers != "top":     # simple_elmo: the character CNN's vector of an empty token there (documented)
+        assert max(np.abs(expected[i, ..., len(t):, :]).max(initial=0) for i, t in enumerate(texts)) > 0.01
+
+
+@pytest.mark.parametrize("layers", ["average", "top", "all"])
+def test_simple_elmo_average_is_each_texts_own_mean(nlpl_golden, layers):
+    """Catches an average that counts the padding of shorter texts or depends on the other texts of its
+    batch, and a vector not scaled to length 1: on texts of one length it is simple_elmo's (for "all",
+    simple_elmo's reshape without a transpose mixes positions and layers: its numbers are that reshape of
+    ours, ours each layer's own mean); on texts of several lengths each text's is its average alone."""
+    equal, texts = json.loads(str(nlpl_golden["equal_json"])), json.loads(str(nlpl_golden["texts_json"]))
+    model = nlpl_model()
+    average = model.get_elmo_vector_average(equal, layers=layers)
+    assert average.dtype == np.float64
+    np.testing.assert_allclose(np.linalg.norm(average.reshape(len(equal), -1), axis=1), 1.0, atol=1e-6)
+    if layers != "all":
+        np.testing.assert_allclose(average, nlpl_golden[f"average_equal_{layers}"], atol=ATOL, rtol=0)
+    else:
+        v = model.get_elmo_vectors(equal, layers="all")                     # (texts, L+1, T, D)
+        np.testing.assert_allclose(average, v.mean(axis=2) / np.linalg.norm(
+            v.mean(axis=2).reshape(len(equal), -1), axis=1)[:, None, None], atol=1e-6, rtol=0)
+        theirs = v.reshape(len(equal), v.shape[2], v.shape[1], -1).mean(axis=1)
+        theirs /= np.linalg.norm(theirs.reshape(len(equal), -1), axis=1)[:, None, None]
+        np.testing.assert_allclose(theirs, nlpl_golden["average_equal_all"], atol=ATOL, rtol=0)
+    mixed = model.get_elmo_vector_average(texts, layers=layers)
+    alone = np.stack([model.get_elmo_vector_average([t], layers=layers)[0] for t in texts])
+    np.testing.assert_allclose(mixed, alone, atol=ATOL, rtol=0)
+    if layers == "average":                         # simple_elmo's adds the empty token's vector at padding
+        assert np.abs(mixed - nlpl_golden["average_mixed_average"]).max() > 1e-3
+    elif layers == "top":                           # zeros there: dividing by the longest text's length only
+        np.testing.assert_allclose(mixed, nlpl_golden["average_mixed_top"], atol=ATOL, rtol=0)   # rescales
+
+
+def test_simple_elmo_is_stateless_and_batch_size_changes_nothing(nlpl_golden):
+    """Catches carried LSTM state: simple_elmo's vectors change with max_batch_size (state carried from
+    batch to batch) and with warm-up (the first batch run twice); ours are its fresh one-batch numbers for
+    any max_batch_size, with or without warmup, on every call. An empty text gives zeros."""
+    texts = json.loads(str(nlpl_golden["texts_json"]))
+    for other in ("vectors_average_batches_of_2", "vectors_average_warmup"):
+        assert np.abs(nlpl_golden[other] - nlpl_golden["vectors_average"]).max() > 1e-2
+    one = nlpl_model(max_batch_size=64).get_elmo_vectors(texts, warmup=False)
+    model = nlpl_model(max_batch_size=2)
+    for warmup in (True, False, True):
+        np.testing.assert_allclose(model.get_elmo_vectors(texts, warmup=warmup), one, atol=ATOL, rtol=0)
+    vectors = model.get_elmo_vectors([["Hei"], [], ["Det", "er", "fint"]])
+    assert vectors.shape == (3, 3, 32) and not vectors[1].any()
+    assert not model.get_elmo_vector_average([[], ["Hei"]])[0].any()
+    assert model.get_elmo_vectors([[]]).shape == (1, 0, 32)
+
+
+def test_simple_elmo_substitutes_come_from_our_checkpoints_lm(tiny_lm, tmp_path):
+    """Catches substitutes that are not the LM's predictions at each word: the forward candidates at word k
+    are what the forward LM gives after words 1..k-1 (their log-probabilities, best first), the backward
+    ones after words k+1..n; the log-probability of the word itself, summed over the sentence with </S>'s,
+    is the LM's loss (`lm_nll`). Every sentence gets its list, in input order; <S>/</S> never candidates
+    with nodelimiters. And the NLPL archives (no softmax) or a TensorFlow checkpoint are one clear error."""
+    sentences = ["w3 w4 w5 w6", "w10 w11", "w1 w2 w3 w4 w5 w6 w7"]
+    model = nlpl_model(str(tiny_lm), full=True)
+    vocab = model.vocab
+    out = model.get_elmo_substitutes(sentences, topn=len(vocab) - 3)
+    assert [[w["word"] for w in s] for s in out] == [s.split() for s in sentences]
+    bilm = model.bilm
+    for sentence, words in zip(sentences, out):
+        tokens = sentence.split()
+        logp_f = logp_b = 0.0
+        for k, w in enumerate(words):
+            for side in ("forward", "backward"):
+                c = w[side]
+                assert c["candidate_words"] == [vocab[i] for i in c["candidates"]]
+                assert c["logp"] == sorted(c["logp"], reverse=True) and not {"<S>", "</S>", "<pad>"} & set(c["candidate_words"])
+            logp_f += w["forward"]["logp"][w["forward"]["candidates"].index(vocab.index(tokens[k]))]
+            logp_b += w["backward"]["logp"][w["backward"]["candidates"].index(vocab.index(tokens[k]))]
+        targets = torch.tensor([[1] + [vocab.index(t) for t in tokens] + [2]])
+        with torch.no_grad():
+            nll_f, nll_b, _ = bilm.lm_nll(bilm.lexicon.ids([tokens]), targets)
+            no_eos = targets.clone()
+            no_eos[0, -1] = no_eos[0, 0] = 0                        # skip the </S> / <S> predictions
+            nll_f_words, nll_b_words, _ = bilm.lm_nll(bilm.lexicon.ids([tokens]), no_eos)
+        assert abs(-logp_f - float(nll_f_words)) < 1e-3 * len(tokens) and float(nll_f) > float(nll_f_words)
+        assert abs(-logp_b - float(nll_b_words)) < 1e-3 * len(tokens)
+    top = model.get_elmo_substitutes(sentences[:1], topn=2, nodelimiters=False)[0][0]["forward"]
+    assert len(top["candidates"]) == 2 and all(isinstance(v, float) for v in top["logp"])
+    with pytest.raises(ValueError, match="full=True needs the language model's softmax"):
+        nlpl_model(NLPL, full=True)
+    tf = tmp_path / "tf"
+    tf.mkdir()
+    (tf / "checkpoint").write_text('model_checkpoint_path: "model.ckpt-1"\n')
+    (tf / "model.ckpt-1.index").write_bytes(b"x")
+    with pytest.raises(ValueError, match="TensorFlow checkpoint"):
+        nlpl_model(str(tf), full=True)
+    with pytest.raises(ValueError, match="full=True"):
+        nlpl_model().get_elmo_substitutes(sentences)
+
+
+def test_simple_elmo_bad_inputs_are_one_clear_error(tmp_path, nlpl_golden):
+    """Catches a traceback from h5py, zipfile or deep inside for what a user can fix: an empty list, a str
+    where a list of tokens goes, non-string tokens, an unknown `layers`, a folder without a weight file, a
+    damaged or cut zip, options that do not fit the weights; nothing is written; the command line says it
+    in one line. An ELMoForManyLangs archive of the repository loads (simple_elmo cannot read them)."""
+    model = nlpl_model()
+    for texts, layers, message in [([], "average", "texts is empty"), ("a text", "average", "not str"),
+                                   (["a", "b"], "average", "text 0 is a str"), ([["a", 1]], "average", "token 1"),
+                                   ([["a"]], "middle", "layers must be one of")]:
+        with pytest.raises(ValueError, match=message):
+            model.get_elmo_vectors(texts, layers=layers)
+    with pytest.raises(ValueError, match="texts is empty"):
+        model.get_elmo_vector_average([])
+
+    def folder(change):
+        f = tmp_path / f"m{len(os.listdir(tmp_path))}"
+        shutil.copytree(NLPL, f)
+        change(f)
+        return f
+    options = json.loads(open(os.path.join(NLPL, "options.json")).read())
+    wider = {**options, "lstm": {**options["lstm"], "dim": 128}}
+    archive = nlpl_zip(NLPL, tmp_path / "whole.zip")
+    cut = tmp_path / "cut.zip"
+    cut.write_bytes(open(archive, "rb").read()[:-200])
+    damaged = bytearray(open(archive, "rb").read())
+    damaged[200:400] = bytes(200)                                  # inside model.hdf5's compressed bytes
+    (tmp_path / "damaged.zip").write_bytes(bytes(damaged))
+    cases = [(folder(lambda f: os.remove(f / "model.hdf5")), FileNotFoundError, "no weight file"),
+             (folder(lambda f: os.rename(f / "model.hdf5", f / "elmo_weights.hdf5")), None, None),
+             (folder(lambda f: os.remove(f / "options.json")), FileNotFoundError, "has no options.json"),
+             (folder(lambda f: (f / "options.json").write_text(json.dumps(wider))), ValueError, "do not belong"),
+             (folder(lambda f: (f / "model.hdf5").write_bytes(b"not hdf5")), ValueError, "not a readable HDF5"),
+             (str(cut), ValueError, "not a readable .zip"), (str(tmp_path / "damaged.zip"), ValueError, "cannot be read"),
+             (str(tmp_path / "absent.zip"), FileNotFoundError, "not found")]
+    before = snapshot(tmp_path)
+    for path, error, message in cases:
+        if error is None:
+            nlpl_model(str(path))                                   # the first *.hdf5, as simple_elmo takes
+            continue
+        with pytest.raises(error, match=message):
+            nlpl_model(str(path))
+    assert snapshot(tmp_path) == before
+    efml_zip = tmp_path / "efml.zip"
+    nlpl_zip(os.path.join(EFML, "both"), efml_zip)
+    assert nlpl_model(str(efml_zip)).get_elmo_vectors([["中文", "天气"]]).shape == (1, 2, 16)
+    r = run_inprocess("elmo.py", "embed", "--elmo", str(cut), "--input", __file__, "--output", tmp_path / "v.hdf5")
+    assert_user_error(r, "not a readable .zip")
+
+
+@pytest.mark.slow
+def test_nlpl_zip_in_embed(tmp_path, nlpl_golden):
+    """Catches a zip that only the Python API reads: `python elmo.py embed --elmo X.zip` writes what the
+    folder gives."""
+    (tmp_path / "in.txt").write_text("Det er en fin dag .\nПривет , мир !\n")
+    archive = nlpl_zip(NLPL, tmp_path / "223.zip")
+    r = run_script("elmo.py", "embed", "--elmo", archive, "--input", tmp_path / "in.txt", "--output",
+                   tmp_path / "v.hdf5", "--layers", "all")
+    assert r.returncode == 0, r.stderr
+    import h5py
+    texts = [["Det", "er", "en", "fin", "dag", "."], ["Привет", ",", "мир", "!"]]
+    expected = nlpl_model().get_elmo_vectors(texts, layers="all")
+    with h5py.File(tmp_path / "v.hdf5", "r") as h5:
+        for i, text in enumerate(texts):
+            np.testing.assert_allclose(h5[str(i)][...], expected[i, :, :len(text)], atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Installed: pip install ., then the one-line migration from a folder of the user's own
 # ---------------------------------------------------------------------------------------------------------
 def installed_wheel(tmp_path):
@@ -1632,7 +1836,7 @@ def test_installed_package_migrates_in_one_line_from_a_folder_with_its_own_data_
     numbers, and `elmo-pytorch embed` writes its file."""
     names, python = installed_wheel(tmp_path)
     top = {n.split("/")[0] for n in names if ".dist-info/" not in n}
-    assert top == {"elmo_pytorch", "allennlp_compat.py", "elmoformanylangs_compat.py"}, top   # nothing generic
+    assert top == {"elmo_pytorch", "allennlp_compat.py", "elmoformanylangs_compat.py", "simple_elmo_compat.py"}, top
     assert {"elmo_pytorch/elmo.py", "elmo_pytorch/data.py", "elmo_pytorch/train_lm.py"} <= set(names)
     user = tmp_path / "user"
     user.mkdir()
