@@ -29,6 +29,9 @@ peak resident set size (VmHWM, reset per configuration through /proc/self/clear_
   # sents2elmo against ELMoForManyLangs' own, on a model folder at the published sizes (random weights:
   # python testdata/make_elmoformanylangs.py --sizes published --out DIR), where elmoformanylangs imports
   python bench.py --suite elmoformanylangs --elmo DIR --text valid.txt --lines 600 --threads 2
+  # get_elmo_vectors against simple_elmo on TensorFlow, each of --sizes in the NLPL layout (random weights),
+  # where simple_elmo imports (TF_USE_LEGACY_KERAS=1)
+  python bench.py --suite simple_elmo --text valid.txt --lines 600 --sizes small original --threads 2
   # a GPU: presets x dtypes x compile
   python bench.py --device cuda --preset small original --dtype float32 bfloat16 --compile off on \\
       --batch 128x20 --json bench_gpu.json
@@ -83,7 +86,7 @@ def parse_args(argv=None):
     g.add_argument("--repeats", type=int, default=5, help="timed calls; the median is reported")
     g.add_argument("--json", default="bench.json", help="every configuration's numbers")
     g = p.add_argument_group("prepared suites (the GPU check for a short GPU session; the AllenNLP comparison)")
-    g.add_argument("--suite", choices=["gpu", "allennlp", "elmoformanylangs"],
+    g.add_argument("--suite", choices=["gpu", "allennlp", "elmoformanylangs", "simple_elmo"],
                    help="gpu: the bench table for --sizes (inference "
                    "and training, fp32 and bf16, eager and compiled, the clipped published layout), a 2-minute "
                    "train_lm.py run on a generated corpus, elmo.py embed and a train_sst.py run from its "
@@ -92,14 +95,16 @@ def parse_args(argv=None):
                    "2.10's own biLM, the first --lines of --text, each of --sizes exported with clipping 3 "
                    "(see allennlp_suite). elmoformanylangs: sents2elmo of ELMoForManyLangs and of "
                    "elmoformanylangs_compat on the model folder --elmo, the first --lines of --text (see "
-                   "elmoformanylangs_suite)")
+                   "elmoformanylangs_suite). simple_elmo: get_elmo_vectors of simple_elmo (TensorFlow) and of "
+                   "simple_elmo_compat on each of --sizes in the NLPL layout (see simple_elmo_suite)")
     g.add_argument("--sizes", nargs="+", default=["small", "original"], choices=sorted(PRESETS),
                    help="--suite gpu: the presets of the bench table (tiny: the CPU dry run); --suite "
-                   "allennlp: the architectures compared")
+                   "allennlp, simple_elmo: the architectures compared")
     g.add_argument("--out", help="--suite gpu: the folder for its files")
     g.add_argument("--allennlp", help="--suite allennlp: a folder holding the `allennlp` package (AllenNLP "
                    "2.10.1's wheel unpacked), when `import allennlp` does not work")
-    g.add_argument("--lines", type=int, default=600, help="--suite allennlp, elmoformanylangs: sentences of --text")
+    g.add_argument("--lines", type=int, default=600, help="--suite allennlp, elmoformanylangs, simple_elmo: "
+                   "sentences of --text")
     args = p.parse_args(argv)
     try:
         args.batch = [tuple(int(n) for n in b.lower().split("x")) for b in args.batch]
@@ -628,6 +633,87 @@ def elmoformanylangs_suite(args):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# --suite simple_elmo: get_elmo_vectors, here and in simple_elmo on TensorFlow
+# ---------------------------------------------------------------------------------------------------------
+HOW_TO_GET_SIMPLE_ELMO = ("pip install simple-elmo tensorflow-cpu, then pip install tf_keras==<TensorFlow's version> "
+                          "--no-deps, into the environment that runs bench.py, and set TF_USE_LEGACY_KERAS=1")
+
+
+def simple_elmo_suite(args):
+    """`--suite simple_elmo`: for each of --sizes, our untrained biLM (seed 0, clipping 3) in the NLPL layout
+    (model.hdf5 + options.json, written by `export_official`), and `get_elmo_vectors(sentences)` on the first
+    --lines sentences of --text as its users call it (max_batch_size 32, layers "average"; warmup off, so
+    simple_elmo runs each batch once) by simple_elmo on TensorFlow and by simple_elmo_compat, alternated
+    (--repeats rounds, simple_elmo first, each model fresh, its graph its own; loading timed apart). Then the
+    largest difference at the texts' words against simple_elmo with every text in one batch (its LSTM state
+    carries over from batch to batch)."""
+    import tempfile
+    from dataclasses import asdict
+
+    import numpy as np
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    try:
+        import tensorflow as tf
+        from simple_elmo import ElmoModel as TheirModel
+    except Exception as e:  # noqa: BLE001  (not installed, or TensorFlow without its legacy Keras)
+        raise UserError(f"--suite simple_elmo needs simple_elmo (import failed: {e}): {HOW_TO_GET_SIMPLE_ELMO}") \
+            from None
+    import logging
+    from simple_elmo_compat import ElmoModel
+    from elmo_pytorch.published import export_official
+    sentences = suite_sentences(args, "simple_elmo")
+    n_tokens = sum(map(len, sentences))
+    print(f"--suite simple_elmo | {len(sentences):,} sentences, {n_tokens:,} tokens of {args.text} | threads "
+          f"{torch.get_num_threads()} | torch {torch.__version__} | TensorFlow {tf.__version__}", flush=True)
+
+    def theirs(folder, batch_size, texts):          # a fresh simple_elmo model in a graph of its own
+        with tf.Graph().as_default():
+            model = TheirModel()
+            logging.getLogger("simple_elmo.elmo_helpers").setLevel(logging.WARNING)
+            t = time.perf_counter()
+            model.load(folder, max_batch_size=batch_size)
+            load_s = time.perf_counter() - t
+            t = time.perf_counter()
+            vectors = model.get_elmo_vectors(texts, warmup=False)
+            return vectors, load_s, time.perf_counter() - t
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            torch.manual_seed(0)
+            config = ELMoConfig(**PRESETS[size], cell_clip=3.0, proj_clip=3.0, vocab_size=0)
+            folder = os.path.join(tmp, size)
+            _, weights = export_official(asdict(config), BiLM(config).state_dict(), folder)
+            os.replace(weights, os.path.join(folder, "model.hdf5"))           # the NLPL repository's name
+            for r in range(args.repeats):
+                row = {"size": size, "round": r + 1}
+                _, row["simple_elmo_load_s"], row["simple_elmo_s"] = theirs(folder, 32, sentences)
+                t = time.perf_counter()
+                model = ElmoModel()
+                model.load(folder)
+                row["ours_load_s"] = time.perf_counter() - t
+                t = time.perf_counter()
+                ours = model.get_elmo_vectors(sentences)
+                row["ours_s"] = time.perf_counter() - t
+                row["speedup"] = row["simple_elmo_s"] / row["ours_s"]
+                print(f"{size:>8} round {r + 1} | simple_elmo {n_tokens / row['simple_elmo_s']:,.0f} tokens/s "
+                      f"({row['simple_elmo_s']:.1f}s, load {row['simple_elmo_load_s']:.1f}s) | ours "
+                      f"{n_tokens / row['ours_s']:,.0f} tokens/s ({row['ours_s']:.1f}s, load {row['ours_load_s']:.1f}s) "
+                      f"| {row['speedup']:.2f}x", flush=True)
+                results.append(row)
+            one_batch, _, _ = theirs(folder, len(sentences), sentences)
+            diff = max(float(np.abs(ours[i, :len(s)] - one_batch[i, :len(s)]).max(initial=0))
+                       for i, s in enumerate(sentences))
+            results[-1]["max_abs_diff"] = diff
+            print(f"{size:>8} max |diff| at the words, against simple_elmo with every text in one batch: {diff:.1e}",
+                  flush=True)
+            del model, ours, one_batch
+    write_json(args.json, {"suite": "simple_elmo", "text": args.text, "sentences": len(sentences), "tokens": n_tokens,
+                           "threads": torch.get_num_threads(), "torch": torch.__version__,
+                           "tensorflow": tf.__version__, "results": results})
+    print(f"wrote {args.json}")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------------------
 def main(argv=None):
@@ -641,6 +727,8 @@ def main(argv=None):
         return allennlp_suite(args)
     if args.suite == "elmoformanylangs":
         return elmoformanylangs_suite(args)
+    if args.suite == "simple_elmo":
+        return simple_elmo_suite(args)
     name = device_name(device)
     print(f"device {device} ({name}) | torch {torch.__version__} | threads {torch.get_num_threads()} | "
           f"warmup {args.warmup}, median of {args.repeats}", flush=True)

@@ -5,6 +5,8 @@ values of test_elmo.py).
     python testdata/make_nlpl.py --golden    # + testdata/nlpl_golden.npz: run where simple_elmo imports
         # (pip install simple-elmo tensorflow-cpu; pip install tf_keras==<TensorFlow's version> --no-deps;
         #  TF_USE_LEGACY_KERAS=1)
+    python testdata/make_nlpl.py --sizes small --out DIR    # a published size (small, medium, original):
+        # our untrained biLM, seed 0, clipping 3, in the same layout, for real programs and benchmarks
 
 The repository's ELMo archives (vectors.nlpl.eu/repository, e.g. 223.zip) hold `model.hdf5` (bilm-tf's weight
 layout, the one AllenNLP publishes), `options.json`, `vocab.txt` (words, most frequent first, with <S>, </S>,
@@ -47,6 +49,23 @@ def write_folder(out: str = OUT):
         f.write("A tiny random ELMo model in the NLPL repository's layout, for tests (testdata/make_nlpl.py).\n")
 
 
+def write_published_size(size: str, out: str):
+    """Our untrained biLM of a published size (elmo.PRESETS), seed 0, clipping 3 as the published models,
+    as the repository lays it out (its vocab.txt: the tiny one above; it only saves simple_elmo time)."""
+    import sys
+    from dataclasses import asdict
+    sys.path.insert(0, os.path.dirname(HERE))               # the clone: elmo_pytorch
+    import torch
+    from elmo_pytorch.elmo import PRESETS, BiLM, ELMoConfig
+    from elmo_pytorch.published import export_official
+    torch.manual_seed(0)
+    config = ELMoConfig(**PRESETS[size], cell_clip=3.0, proj_clip=3.0, vocab_size=0)
+    _, weights = export_official(asdict(config), BiLM(config).state_dict(), out)
+    os.replace(weights, os.path.join(out, "model.hdf5"))
+    with open(os.path.join(out, "vocab.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(VOCAB) + "\n")
+
+
 def golden(out: str):
     """simple_elmo's outputs: a fresh model, warmup=False, every text in one batch (what ours equals), each
     `layers` value; the averages on texts of one length (where its average and ours agree) and of several
@@ -74,7 +93,13 @@ def golden(out: str):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--golden", action="store_true", help="also write nlpl_golden.npz (needs simple_elmo)")
+    p.add_argument("--sizes", choices=["small", "medium", "original"], help="a published size, into --out")
+    p.add_argument("--out", help="with --sizes: the folder to write")
     args = p.parse_args()
+    if args.sizes:
+        write_published_size(args.sizes, args.out)
+        print(f"wrote {args.out}")
+        return
     write_folder()
     if args.golden:
         golden(os.path.join(HERE, "nlpl_golden.npz"))
