@@ -193,10 +193,10 @@ def cache_layers(features: TokenFeatures, sentences, choice: str, out: str, log)
 
 
 def frozen_bilm(elmo: str, preset: str = "cpu", seed: int = 1, options: str | None = None):
-    """The downstream scripts' `--elmo`: a biLM checkpoint or published *.hdf5 (options: see `find_options`)
-    -> its frozen biLM without the LM softmax; 'random' -> the `preset` architecture, untrained, frozen (the
-    ablation that separates pretraining from architecture); 'none' -> None. Returns (biLM or None, a
-    description)."""
+    """The downstream scripts' `--elmo`: a biLM checkpoint or a published model (`load_elmo`; the options of
+    an *.hdf5: see `find_options`) -> its frozen biLM without the LM softmax; 'random' -> the `preset`
+    architecture, untrained, frozen (the ablation that separates pretraining from architecture); 'none' ->
+    None. Returns (biLM or None, a description)."""
     if not elmo:
         raise UserError("--elmo is required: a train_lm.py checkpoint, 'random' or 'none'")
     if elmo == "none":
@@ -264,9 +264,9 @@ def task_arguments(p, out_default: str):
     """The flags train_sst.py and train_mnli.py share, in their groups; each script adds its own to the
     groups returned (model, data, optimisation, runtime, checkpoints)."""
     model = p.add_argument_group("model")
-    model.add_argument("--elmo", help="biLM checkpoint (train_lm.py, elmo.py convert) or a published "
-                       "*_weights.hdf5, 'random' (same architecture as --preset, untrained) or 'none' (word "
-                       "embeddings only)")
+    model.add_argument("--elmo", help="biLM checkpoint (train_lm.py, elmo.py convert), a published model (AllenNLP's "
+                       "*_weights.hdf5; an NLPL or ELMoForManyLangs folder or .zip), 'random' (same architecture "
+                       "as --preset, untrained) or 'none' (word embeddings only)")
     model.add_argument("--elmo-options", help="options JSON of a published weight file (default: "
                        "X_options.json, else options.json, beside X_weights.hdf5)")
     model.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="architecture for --elmo random")

@@ -51,7 +51,8 @@ def parse_args(argv=None):
     p = ArgumentParser(__doc__)
     model = p.add_argument_group("model")
     model.add_argument("--elmo", required=True, help="biLM checkpoint (train_lm.py, elmo.py convert), a "
-                       "published *_weights.hdf5, or 'random' (the --preset architecture, untrained: the control)")
+                       "published model (AllenNLP's *_weights.hdf5; an NLPL or ELMoForManyLangs folder or .zip), "
+                       "or 'random' (the --preset architecture, untrained: the control)")
     model.add_argument("--elmo-options", help="options JSON of a published weight file (default: "
                        "X_options.json, else options.json, beside X_weights.hdf5)")
     model.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="architecture for --elmo random")

@@ -169,8 +169,9 @@ def _cli(argv=None):
         return sub.add_parser(name, help=summary, description=f"{summary}\n\nexample:\n  {example}")
 
     def elmo_flags(q):
-        q.add_argument("--elmo", required=True, help="biLM: a .pt checkpoint (train_lm.py, convert) or a "
-                       "published *_weights.hdf5 (its options found beside it, or --elmo-options)")
+        q.add_argument("--elmo", required=True, help="biLM: a .pt checkpoint (train_lm.py, convert), a published "
+                       "*_weights.hdf5 (its options found beside it, or --elmo-options), or an NLPL or "
+                       "ELMoForManyLangs model folder or .zip")
         q.add_argument("--elmo-options", help="options JSON of a published weight file, when it is not "
                        "X_options.json or options.json beside X_weights.hdf5")
         q.add_argument("--lstm", default="auto", choices=["auto", "reference", "columns", "fused"],
