@@ -1463,6 +1463,30 @@ def test_elmoformanylangs_layer0_twice_residual_and_no_forget_bias(efml_golden):
     assert efml_max_diff(efml_all_layers(bilm, sentences), efml_golden, "both") > 1e-3
 
 
+@pytest.mark.parametrize("kind", ["both", "words"])
+def test_elmoformanylangs_models_run_on_every_lstm_path(efml_golden, kind):
+    """Catches a second copy of the network for this format: its models are `elmo.BiLM`s and run on each
+    LSTM path, the column cell equal to the reference one on the clipped weights, and, with the clipping
+    set to 0, torch's fused nn.LSTM equal to the reference cell too."""
+    sentences = efml_sentences(efml_golden)
+    bilm = efml_bilm(kind)
+    assert type(bilm) is BiLM and bilm.lstm_impl == "columns"
+    outputs = {}
+    for impl in ("reference", "columns"):
+        bilm.impl = impl
+        outputs[impl] = efml_all_layers(bilm, sentences)
+    for a, b in zip(outputs["reference"], outputs["columns"]):
+        np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+    for stack in (bilm.forward_lstm, bilm.backward_lstm):
+        for layer in stack.layers:
+            layer.cell_clip = layer.proj_clip = 0.0
+    for impl in ("reference", "fused"):
+        bilm.impl = impl
+        outputs[impl] = efml_all_layers(bilm, sentences)
+    for a, b in zip(outputs["reference"], outputs["fused"]):
+        np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+
+
 def test_elmoformanylangs_is_stateless_ordered_and_takes_empty_sentences(efml_golden):
     """Catches carried LSTM state (ELMoForManyLangs' second call differs from its first; ours must always
     give the first), vectors that depend on batch_size or the other sentences, output out of input order,
