@@ -576,6 +576,14 @@ def suite_sentences(args, suite: str) -> list:
     return [line.split() for _, line in data.read_lines(args.text) if line.strip()][: args.lines]
 
 
+def round_line(prefix: str, key: str, name: str, row: dict, n_tokens: int) -> str:
+    """One round of a comparison suite: each side's tokens/s, seconds and loading seconds, the speed-up."""
+    def side(key, name):
+        return (f"{name} {n_tokens / row[key + '_s']:,.0f} tokens/s ({row[key + '_s']:.1f}s, load "
+                f"{row[key + '_load_s']:.1f}s)")
+    return f"{prefix} | {side(key, name)} | {side('ours', 'ours')} | {row['speedup']:.2f}x"
+
+
 def elmoformanylangs_suite(args):
     """`--suite elmoformanylangs`: `sents2elmo(sentences)` as its users call it (output_layer -1, batch_size
     64) on the first --lines sentences of --text, by ELMoForManyLangs' `Embedder` and by
@@ -612,10 +620,7 @@ def elmoformanylangs_suite(args):
             row[f"{name}_s"] = time.perf_counter() - t
             del embedder
         row["speedup"] = row["elmoformanylangs_s"] / row["ours_s"]
-        print(f"round {r + 1} | ELMoForManyLangs {n_tokens / row['elmoformanylangs_s']:,.0f} tokens/s "
-              f"({row['elmoformanylangs_s']:.1f}s, load {row['elmoformanylangs_load_s']:.1f}s) | ours "
-              f"{n_tokens / row['ours_s']:,.0f} tokens/s ({row['ours_s']:.1f}s, load {row['ours_load_s']:.1f}s) | "
-              f"{row['speedup']:.2f}x", flush=True)
+        print(round_line(f"round {r + 1}", "elmoformanylangs", "ELMoForManyLangs", row, n_tokens), flush=True)
         results.append(row)
     first_call = elmoformanylangs.Embedder(args.elmo, batch_size=len(sentences)).sents2elmo(sentences)
     ours = results[-1]["ours_vectors"]
@@ -695,10 +700,7 @@ def simple_elmo_suite(args):
                 ours = model.get_elmo_vectors(sentences)
                 row["ours_s"] = time.perf_counter() - t
                 row["speedup"] = row["simple_elmo_s"] / row["ours_s"]
-                print(f"{size:>8} round {r + 1} | simple_elmo {n_tokens / row['simple_elmo_s']:,.0f} tokens/s "
-                      f"({row['simple_elmo_s']:.1f}s, load {row['simple_elmo_load_s']:.1f}s) | ours "
-                      f"{n_tokens / row['ours_s']:,.0f} tokens/s ({row['ours_s']:.1f}s, load {row['ours_load_s']:.1f}s) "
-                      f"| {row['speedup']:.2f}x", flush=True)
+                print(round_line(f"{size:>8} round {r + 1}", "simple_elmo", "simple_elmo", row, n_tokens), flush=True)
                 results.append(row)
             one_batch, _, _ = theirs(folder, len(sentences), sentences)
             diff = max(float(np.abs(ours[i, :len(s)] - one_batch[i, :len(s)]).max(initial=0))
