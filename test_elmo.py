@@ -784,6 +784,19 @@ def test_allennlp_suite_without_allennlp_says_how_to_get_it(tmp_path):
     assert "no allennlp/modules/elmo.py in" in r.stderr
 
 
+def test_other_library_suites_without_the_library_say_how_to_get_it(tmp_path, monkeypatch):
+    """Catches `--suite elmoformanylangs` or `--suite simple_elmo` ending in an ImportError traceback where
+    the library is not installed (this project's own environment), instead of one line saying how to get it."""
+    (tmp_path / "s.txt").write_text("a b c\n")
+    for name in ("elmoformanylangs", "simple_elmo", "tensorflow"):
+        monkeypatch.setitem(sys.modules, name, None)                   # `import name` now fails
+    r = run_inprocess("bench.py", "--suite", "elmoformanylangs", "--elmo", os.path.join(GOLDEN, "elmoformanylangs",
+                      "both"), "--text", tmp_path / "s.txt")
+    assert_user_error(r, "needs ELMoForManyLangs", 'pip install elmoformanylangs "overrides<5"')
+    r = run_inprocess("bench.py", "--suite", "simple_elmo", "--text", tmp_path / "s.txt")
+    assert_user_error(r, "needs simple_elmo", "pip install simple-elmo tensorflow-cpu", "TF_USE_LEGACY_KERAS=1")
+
+
 def test_train_lm_defaults_follow_the_device():
     """Catches `python train_lm.py --device cuda` training the 2-core CPU preset (what a first GPU run got),
     the cpu preset losing its measured recipes (one thread per process; more), and a flag the user gave being overridden by a default."""
