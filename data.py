@@ -115,6 +115,7 @@ class Dictionaries:
     Every id is shifted by +1, so that 0 still means "no token here". The ids of a token: with both
     dictionaries (1 + W,), its word id first, then <bow>, its characters, <eow> and <pad> to W; characters
     only (W,); words only, one id."""
+    memo_tokens = 1_000_000       # the memo's bound: a corpus of ever new words empties it instead of growing it
 
     def __init__(self, chars: dict | None, words: dict | None):
         self.chars, self.words = chars, words
@@ -122,25 +123,26 @@ class Dictionaries:
         self.memo = {}                                          # token -> its ids: text repeats its words
 
     def token(self, token: str) -> list | int:
-        if token not in self.memo:
-            cut = token[: MAX_CHARS - 2]
-            ids = []
-            if self.words is not None:
-                ids.append(self.words.get(cut, self.words["<oov>"]) + 1)
-            if self.chars is not None:
-                c = self.chars
-                inner = [c[cut]] if cut in ("<bos>", "<eos>") else [c.get(ch, c["<oov>"]) for ch in cut]
-                chars = [c["<bow>"]] + inner + [c["<eow>"]]
-                ids += [i + 1 for i in chars + [c["<pad>"]] * (MAX_CHARS - len(chars))]
-            self.memo[token] = ids if self.chars is not None else ids[0]
-            if len(self.memo) > 1_000_000:                      # bounded: a corpus of new words cannot grow it
-                self.memo.clear()
+        if token in self.memo:
+            return self.memo[token]
+        cut = token[: MAX_CHARS - 2]
+        ids = []
+        if self.words is not None:
+            ids.append(self.words.get(cut, self.words["<oov>"]) + 1)
+        if self.chars is not None:
+            c = self.chars
+            inner = [c[cut]] if cut in ("<bos>", "<eos>") else [c.get(ch, c["<oov>"]) for ch in cut]
+            chars = [c["<bow>"]] + inner + [c["<eow>"]]
+            ids += [i + 1 for i in chars + [c["<pad>"]] * (MAX_CHARS - len(chars))]
+        if len(self.memo) >= self.memo_tokens:
+            self.memo.clear()
+        self.memo[token] = ids if self.chars is not None else ids[0]
         return self.memo[token]
 
     def ids(self, sentences):                                   # -> (B, T, 1 + W), (B, T, W) or (B, T)
         T = max((len(s) for s in sentences), default=0)
-        width = ((MAX_CHARS if self.chars is not None else 0) + (self.words is not None),)
-        ids = torch.zeros(len(sentences), T, *(width if self.chars is not None else ()), dtype=torch.long)
+        row = () if self.chars is None else (MAX_CHARS + (self.words is not None),)
+        ids = torch.zeros(len(sentences), T, *row, dtype=torch.long)
         for b, sentence in enumerate(sentences):
             if sentence:
                 ids[b, : len(sentence)] = torch.tensor([self.token(t) for t in sentence])

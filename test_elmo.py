@@ -1411,6 +1411,20 @@ def test_elmoformanylangs_padding_character_is_learnt_and_read_by_the_cnn(efml_g
     assert efml_max_diff(efml_all_layers(bilm, sentences), efml_golden, "both") > 1e-3
 
 
+def test_elmoformanylangs_dictionary_ids_are_remembered_within_a_bound(efml_golden):
+    """Catches the lexicon's memo of token ids growing without bound over a corpus of new words, or failing
+    (or answering for another token) when it is full: emptied at the bound, every answer as computed."""
+    bilm = efml_bilm()
+    fresh = data.Dictionaries(bilm.config.chars, bilm.config.words)
+    bounded = data.Dictionaries(bilm.config.chars, bilm.config.words)
+    bounded.memo_tokens = 3
+    words = [w for s in efml_sentences(efml_golden) for w in s]
+    for word in words + words[::-1]:
+        assert bounded.token(word) == fresh.token(word), word
+        assert len(bounded.memo) <= 3
+    assert len(fresh.memo) == len(set(words))
+
+
 def test_elmoformanylangs_cuts_tokens_to_48_characters_also_for_the_word_lookup(efml_golden):
     """Catches a long token looked up whole in word.dic (where only its first 48 characters are), or cut by
     bytes as AllenNLP cuts: ELMoForManyLangs cuts characters, before both lookups."""
