@@ -134,9 +134,10 @@ class ElmoModel:
         out = [[] for _ in sentences]
         order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
         for start in range(0, len(order), self.batch_size):
-            batch = [sentences[i] for i in order[start:start + self.batch_size] if sentences[i]]
-            if not batch:
+            rows = [i for i in order[start:start + self.batch_size] if sentences[i]]    # an empty one gets []
+            if not rows:
                 continue
+            batch = [sentences[i] for i in rows]
             with torch.no_grad():
                 ids, _, _ = self.bilm.add_boundaries(self.bilm.lexicon.ids(batch))   # <S> w_1 .. w_n </S>
                 _, forward, backward = self.bilm.encode(ids)
@@ -145,7 +146,7 @@ class ElmoModel:
                 bwd = log_probs(self.bilm, backward[-1][:, 2:])
                 fwd[..., banned] = bwd[..., banned] = float("-inf")
                 f_top, b_top = fwd.topk(topn, dim=-1), bwd.topk(topn, dim=-1)
-            for b, i in enumerate(i for i in order[start:start + self.batch_size] if sentences[i]):
+            for b, i in enumerate(rows):
                 out[i] = [{"word": word,
                            "forward": self._candidates(f_top.indices[b, k], f_top.values[b, k]),
                            "backward": self._candidates(b_top.indices[b, k], b_top.values[b, k])}
