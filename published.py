@@ -484,12 +484,7 @@ def efml_network(files: ModelFiles, config_path) -> dict:
         raise UserError(f"{files.where('config.json')} has no 'config_path' (the network configuration's file)")
     name = os.path.basename(config_path)
     if not files.zip and os.path.isfile(os.path.join(files.path, config_path)):
-        with open(os.path.join(files.path, config_path), "rb") as f:
-            text = f.read()
-        try:
-            return json.loads(text.decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{os.path.join(files.path, config_path)} is not valid JSON ({e})") from None
+        return files.json(config_path)                  # a folder's files: any path relative to it, or absolute
     if name in files.names:
         return files.json(name)
     if name in EFML_NETWORKS:
