@@ -74,6 +74,22 @@ def batch_to_ids(sentences: list[list[str]]) -> torch.Tensor:
     return ids
 
 
+def token_lists(items, name: str, item: str) -> list:
+    """What a Python caller passed as sentences -> a list of lists of str tokens, or a ValueError naming what
+    is not one: `name`, the whole (a str there, or in place of a sentence, would be read one character a
+    token), `item` i, a sentence that is not a list or tuple, or a token that is not a str."""
+    if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
+        raise ValueError(f"{name} must be a list of {item}s, each a list of tokens, not {type(items).__name__}")
+    items = list(items)
+    for i, tokens in enumerate(items):
+        if isinstance(tokens, (str, bytes)) or not isinstance(tokens, (list, tuple)):
+            raise ValueError(f"{item} {i} is a {type(tokens).__name__}, not a list of tokens (split it first)")
+        bad = next((j for j, token in enumerate(tokens) if not isinstance(token, str)), None)
+        if bad is not None:
+            raise ValueError(f"{item} {i}, token {bad} is a {type(tokens[bad]).__name__}, not a str")
+    return [list(tokens) for tokens in items]
+
+
 def boundary_char_ids(device=None):
     """The character ids of <S> and </S>: two (W,) tensors."""
     return (torch.tensor(BOS_CHAR_IDS, device=device), torch.tensor(EOS_CHAR_IDS, device=device))

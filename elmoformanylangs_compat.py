@@ -36,6 +36,7 @@ import os
 
 import torch
 
+from elmo_pytorch.data import token_lists
 from elmo_pytorch.elmo import load_elmo
 from elmo_pytorch.tools import embed_by_length
 
@@ -60,18 +61,9 @@ class Embedder:
                 or not -2 <= output_layer < n_layers:
             raise ValueError(f"output_layer must be -1 (the average), -2 (all layers) or a layer 0-{n_layers - 1}, "
                              f"not {output_layer!r}")
-        if isinstance(sents, (str, bytes)) or not hasattr(sents, "__iter__"):
-            raise ValueError(f"sents2elmo takes a list of sentences, each a list of tokens, not {type(sents).__name__}")
-        sents = list(sents)
-        for i, sentence in enumerate(sents):
-            if isinstance(sentence, (str, bytes)) or not isinstance(sentence, (list, tuple)):
-                raise ValueError(f"sentence {i} is a {type(sentence).__name__}, not a list of tokens (split it "
-                                 f"into tokens first)")
-            bad = next((j for j, token in enumerate(sentence) if not isinstance(token, str)), None)
-            if bad is not None:
-                raise ValueError(f"sentence {i}, token {bad} is a {type(sentence[bad]).__name__}, not a str")
+        sents = token_lists(sents, "sents", "sentence")
         out = [None] * len(sents)
-        for i, layers in embed_by_length(self.bilm, [list(s) for s in sents], self.batch_size):
+        for i, layers in embed_by_length(self.bilm, sents, self.batch_size):
             layers = layers.numpy()                                         # (L+1, n, D) float32
             out[i] = layers.mean(axis=0) if output_layer == -1 else layers.copy() if output_layer == -2 \
                 else layers[output_layer].copy()

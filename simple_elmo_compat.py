@@ -52,6 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from elmo_pytorch.data import token_lists
 from elmo_pytorch.elmo import load_elmo
 from elmo_pytorch.tools import embed_by_length
 
@@ -128,8 +129,9 @@ class ElmoModel:
                              "checkpoints: the language model's softmax)")
         if isinstance(topn, bool) or not isinstance(topn, int) or topn < 1:
             raise ValueError(f"topn must be a whole number >= 1, not {topn!r}")
-        sentences = [s.split() if isinstance(s, str) else s for s in self._check_list(data, "data")]
-        self._check_tokens(sentences)
+        if not isinstance(data, (str, bytes)) and hasattr(data, "__iter__"):
+            data = [s.split() if isinstance(s, str) else s for s in data]          # raw sentences, as there
+        sentences = not_empty(token_lists(data, "data", "sentence"), "data")
         banned = [i for i, w in enumerate(self.vocab) if w == "<pad>" or (nodelimiters and w in ("<S>", "</S>"))]
         out = [[] for _ in sentences]
         order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
@@ -169,27 +171,14 @@ class ElmoModel:
     def _texts(self, texts, layers) -> list:
         if layers not in LAYERS:
             raise ValueError(f"layers must be one of {', '.join(LAYERS)}, not {layers!r}")
-        texts = self._check_list(texts, "texts")
-        self._check_tokens(texts)
-        return [list(t) for t in texts]
+        return not_empty(token_lists(texts, "texts", "text"), "texts")
 
-    @staticmethod
-    def _check_list(items, name) -> list:
-        if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
-            raise ValueError(f"{name} must be a list of sentences, not {type(items).__name__}")
-        items = list(items)
-        if not items:
-            raise ValueError(f"{name} is empty: pass at least one sentence")
-        return items
 
-    @staticmethod
-    def _check_tokens(texts):
-        for i, text in enumerate(texts):
-            if isinstance(text, (str, bytes)) or not isinstance(text, (list, tuple)):
-                raise ValueError(f"text {i} is a {type(text).__name__}, not a list of tokens (split it first)")
-            bad = next((j for j, token in enumerate(text) if not isinstance(token, str)), None)
-            if bad is not None:
-                raise ValueError(f"text {i}, token {bad} is a {type(text[bad]).__name__}, not a str")
+def not_empty(sentences: list, name: str) -> list:
+    """simple_elmo's methods take at least one text (it crashed on none)."""
+    if not sentences:
+        raise ValueError(f"{name} is empty: pass at least one sentence")
+    return sentences
 
 
 def log_probs(bilm, h):                                   # (..., P) -> (..., V)
